@@ -1,0 +1,469 @@
+"""MiniMind2: a small decoder-only language model, written to be read top to bottom.
+
+Architecture (the MiniMind2 / Llama family):
+    tokens -> embedding -> N x [RMSNorm -> GQA attention (RoPE) -> residual,
+                                RMSNorm -> SwiGLU FFN or MoE    -> residual]
+           -> RMSNorm -> lm_head (tied to the embedding) -> logits
+
+Parameter names follow transformers' modeling_llama.py, so released MiniMind2 `.pth`
+checkpoints load with strict=True. The model is a transformers `PreTrainedModel` with
+`GenerationMixin`, so `generate()`, `save_pretrained()` and the Auto* classes work.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig,
+                          PreTrainedModel)
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+class MiniMindConfig(PretrainedConfig):
+    model_type = "minimind"
+
+    def __init__(
+        self,
+        vocab_size: int = 6400,
+        hidden_size: int = 512,
+        num_hidden_layers: int = 8,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int = 2,
+        intermediate_size: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 32768,
+        rope_theta: float = 1e6,
+        rope_scaling: dict | None = None,
+        rms_norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+        flash_attn: bool = True,
+        initializer_range: float = 0.02,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        pad_token_id: int = 0,
+        tie_word_embeddings: bool = True,
+        # Mixture of experts (used only when use_moe=True)
+        use_moe: bool = False,
+        num_experts_per_tok: int = 2,
+        n_routed_experts: int = 4,
+        n_shared_experts: int = 1,
+        scoring_func: str = "softmax",
+        aux_loss_alpha: float = 0.1,
+        seq_aux: bool = True,
+        norm_topk_prob: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        # SwiGLU keeps the FFN's parameter count close to a 4x MLP: 8/3 * hidden, rounded up to 64.
+        self.intermediate_size = intermediate_size or 64 * math.ceil(8 * hidden_size / 3 / 64)
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        # transformers 5 keeps RoPE settings in `rope_parameters` (`rope_scaling` is its old name)
+        self.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta, **(rope_scaling or {})}
+        self.rope_parameters.setdefault("rope_type", self.rope_parameters.get("type", "default"))
+        self.rms_norm_eps = rms_norm_eps
+        self.dropout = dropout
+        self.flash_attn = flash_attn
+        self.initializer_range = initializer_range
+        self.use_moe = use_moe
+        self.num_experts_per_tok = num_experts_per_tok
+        self.n_routed_experts = n_routed_experts
+        self.n_shared_experts = n_shared_experts
+        self.scoring_func = scoring_func
+        self.aux_loss_alpha = aux_loss_alpha
+        self.seq_aux = seq_aux
+        self.norm_topk_prob = norm_topk_prob
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
+        if hidden_size % num_attention_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}")
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError(f"num_attention_heads {num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {num_key_value_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 so that bf16/fp16 training stays stable."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+def rope_inverse_frequencies(config: MiniMindConfig) -> tuple[torch.Tensor, float]:
+    """Per-pair rotation speeds of RoPE, and the attention temperature that goes with them.
+
+    Without `rope_scaling` this is plain RoPE. With it, positions beyond the trained length are
+    reached by slowing some of the rotations down:
+      - {"type": "yarn", "factor": f, "original_max_position_embeddings": L,
+         "beta_fast": 32, "beta_slow": 1}: fast-rotating pairs (many turns inside L) keep their
+        frequency, slow ones are divided by f, and a linear ramp blends the two; logits are scaled
+        by 0.1*ln(f)+1 to keep attention entropy in check (YaRN).
+      - {"type": "ntk", "factor": f}: the base theta is stretched so that the slowest pair covers
+        f times more positions (NTK-aware scaling).
+    """
+    dim = config.head_dim
+    theta = config.rope_theta
+    scaling = config.rope_parameters or {}
+    kind = scaling.get("type", scaling.get("rope_type"))
+    kind = None if kind == "default" else kind
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "ntk":
+        theta = theta * factor ** (dim / (dim - 2))
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    attention_scale = 1.0
+    if kind == "yarn" and factor > 1.0:
+        original_len = scaling.get("original_max_position_embeddings", 2048)
+        beta_fast, beta_slow = scaling.get("beta_fast", 32.0), scaling.get("beta_slow", 1.0)
+        turns_in_original = original_len * inv_freq / (2 * math.pi)
+        # ramp = 1 for pairs that turn more than beta_fast times (keep), 0 below beta_slow (interpolate)
+        ramp = ((turns_in_original - beta_slow) / (beta_fast - beta_slow)).clamp(0.0, 1.0)
+        inv_freq = inv_freq * ramp + (inv_freq / factor) * (1 - ramp)
+        attention_scale = 0.1 * math.log(factor) + 1.0
+    elif kind not in (None, "ntk", "yarn"):
+        raise ValueError(f"unknown rope_scaling type {kind!r}; use 'yarn' or 'ntk'")
+    return inv_freq, attention_scale
+
+
+def rotary_cos_sin(config: MiniMindConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables for the given positions, shape (batch, seq, head_dim).
+
+    Computed on the fly from position_ids (not stored as a buffer), so padded batches and
+    packed documents get the right angles and there is no table to keep in the checkpoint."""
+    inv_freq, attention_scale = rope_inverse_frequencies(config)
+    angles = position_ids[..., None].float() * inv_freq.to(position_ids.device)
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: [θ0..θd/2, θ0..θd/2]
+    return (angles.cos() * attention_scale).to(dtype), (angles.sin() * attention_scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (i, i + d/2) pair of x by its angle. x: (batch, heads, seq, head_dim)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """GQA: share each key/value head among n_rep query heads. (b, kv, s, d) -> (b, kv*n_rep, s, d)."""
+    if n_rep == 1:
+        return x
+    b, kv_heads, s, d = x.shape
+    return x[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, kv_heads * n_rep, s, d)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, query_len: int, past_len: int,
+                         device: torch.device) -> torch.Tensor | None:
+    """The boolean (batch, 1, query, key) mask for attention, True = may attend, or None when
+    plain causal attention is enough (then SDPA's `is_causal` fast path is used).
+
+    `attention_mask` is either a 2D padding mask (batch, past + query) with 1 on real tokens,
+    or an explicit 4D boolean mask that is passed through (used for packed documents)."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
+    has_padding = attention_mask is not None and not bool(attention_mask.all())
+    if not has_padding and (past_len == 0 or query_len == 1):
+        return None
+    key_len = past_len + query_len
+    query_pos = torch.arange(past_len, key_len, device=device)[:, None]
+    key_pos = torch.arange(key_len, device=device)[None, :]
+    mask = (key_pos <= query_pos)[None, None]  # causal
+    if has_padding:
+        mask = mask & attention_mask[:, None, None, -key_len:].bool()
+        # A padding query would see no key at all (softmax of nothing = NaN); let it see itself.
+        mask = mask | (key_pos == query_pos)[None, None]
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention, feed-forward and mixture of experts
+# ----------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads (GQA) and rotary positions."""
+
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.flash_attn = config.flash_attn
+
+    def forward(self, hidden_states, cos, sin, mask, past_key_values=None):
+        batch, seq, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # returns all keys/values so far
+        n_rep = self.num_heads // self.num_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        dropout = self.dropout if self.training else 0.0
+        if self.flash_attn:
+            is_causal = mask is None and seq > 1 and k.shape[2] == seq
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        else:
+            out = self.manual_attention(q, k, v, mask, dropout)
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        return self.resid_dropout(self.o_proj(out))
+
+    @staticmethod
+    def manual_attention(q, k, v, mask, dropout):
+        """softmax(q·kᵀ/√d + mask)·v written out, the reference for the SDPA path."""
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if mask is None:
+            query_len, key_len = q.shape[2], k.shape[2]
+            key_pos = torch.arange(key_len, device=q.device)
+            query_pos = torch.arange(key_len - query_len, key_len, device=q.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.dropout(scores.float().softmax(dim=-1).type_as(q), p=dropout)
+        return probs @ v
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class MoEGate(nn.Module):
+    """Scores every routed expert for every token and picks the top-k.
+
+    Returns (expert index, routing weight) per token and slot, and the load-balancing loss that
+    pushes the router to spread tokens evenly (only while training)."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_routed_experts = config.n_routed_experts
+        self.norm_topk_prob = config.norm_topk_prob
+        self.alpha = config.aux_loss_alpha
+        self.seq_aux = config.seq_aux
+        if config.scoring_func != "softmax":
+            raise ValueError(f"unsupported scoring_func {config.scoring_func!r}; MiniMind uses 'softmax'")
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, hidden_states: torch.Tensor):
+        batch, seq, hidden = hidden_states.shape
+        scores = F.linear(hidden_states.reshape(-1, hidden), self.weight).softmax(dim=-1)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.training and self.alpha > 0.0:
+            aux_loss = self.load_balancing_loss(scores, topk_idx, batch, seq)
+        else:
+            aux_loss = scores.new_zeros(())
+        return topk_idx, topk_weight, aux_loss
+
+    def load_balancing_loss(self, scores, topk_idx, batch, seq):
+        """alpha * sum_e (fraction of picks going to e, scaled so uniform = 1) * (mean score of e).
+
+        Minimal when picks and scores are uniform over experts. `seq_aux` measures the balance
+        inside each sequence and averages over the batch; otherwise over all tokens at once."""
+        n_experts = self.n_routed_experts
+        if self.seq_aux:
+            picks = topk_idx.view(batch, -1)
+            load = torch.zeros(batch, n_experts, device=scores.device, dtype=scores.dtype)
+            load.scatter_add_(1, picks, torch.ones_like(picks, dtype=scores.dtype))
+            load = load / (seq * self.top_k / n_experts)
+            mean_scores = scores.view(batch, seq, n_experts).mean(dim=1)
+            return (load * mean_scores).sum(dim=1).mean() * self.alpha
+        picked_share = F.one_hot(topk_idx.view(-1), num_classes=n_experts).float().mean(0)
+        return (scores.mean(0) * picked_share * n_experts).sum() * self.alpha
+
+
+class MOEFeedForward(nn.Module):
+    """Mixture of experts: each token goes through its top-k routed experts (weighted by the
+    router) plus every shared expert."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
+        self.gate = MoEGate(config)
+        self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
+        self.aux_loss = None  # set by every forward, summed by MiniMindModel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        topk_idx, topk_weight, self.aux_loss = self.gate(x)
+        tokens = x.reshape(-1, hidden)
+        route = self.route_training if self.training else self.route_inference
+        y = route(tokens, topk_idx, topk_weight).view(batch, seq, hidden)
+        for expert in self.shared_experts:
+            y = y + expert(x)
+        return y
+
+    def route_training(self, tokens, topk_idx, topk_weight):
+        """Copy each token once per slot and run every expert on its copies. Every expert runs,
+        even on zero tokens, so each one is in the autograd graph and DDP sees all gradients."""
+        copies = tokens.repeat_interleave(self.top_k, dim=0)
+        expert_of_copy = topk_idx.view(-1)
+        out = torch.empty_like(copies)
+        for e, expert in enumerate(self.experts):
+            chosen = expert_of_copy == e
+            out[chosen] = expert(copies[chosen]).to(out.dtype)
+        out = out.view(-1, self.top_k, tokens.shape[-1]) * topk_weight.unsqueeze(-1).to(out.dtype)
+        return out.sum(dim=1)
+
+    @torch.no_grad()
+    def route_inference(self, tokens, topk_idx, topk_weight):
+        """Same result, cheaper: sort slots by expert and run each expert once on its tokens."""
+        expert_of_slot = topk_idx.view(-1)
+        order = expert_of_slot.argsort()
+        token_of_slot = order // self.top_k
+        weight_of_slot = topk_weight.view(-1)[order].unsqueeze(-1)
+        counts = torch.bincount(expert_of_slot, minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(tokens)
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                idx = token_of_slot[start:start + count]
+                out.index_add_(0, idx, (expert(tokens[idx]) * weight_of_slot[start:start + count]).to(out.dtype))
+            start += count
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoder
+# ----------------------------------------------------------------------------------------------
+
+class MiniMindBlock(nn.Module):
+    """One pre-norm transformer layer: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, layer_idx: int, config: MiniMindConfig):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MOEFeedForward(config) if config.use_moe else FeedForward(config)
+
+    def forward(self, hidden_states, cos, sin, mask, past_key_values=None):
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos, sin, mask,
+                                                       past_key_values)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MiniMindPreTrainedModel(PreTrainedModel):
+    config_class = MiniMindConfig
+    config: MiniMindConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["MiniMindBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)  # normal(0, initializer_range) for Linear/Embedding, 1 for norms
+        if isinstance(module, MoEGate):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+
+class MiniMindModel(MiniMindPreTrainedModel):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList([MiniMindBlock(i, config) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, inputs_embeds=None, **kwargs):
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        query_len = hidden_states.shape[1]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = self.default_position_ids(attention_mask, query_len, past_len, hidden_states.device)
+        cos, sin = rotary_cos_sin(self.config, position_ids, hidden_states.dtype)
+        mask = build_attention_mask(attention_mask, query_len, past_len, hidden_states.device)
+
+        hidden_states = self.dropout(hidden_states)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, cos, sin, mask, past_key_values)
+        aux_loss = sum((layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MOEFeedForward)),
+                       hidden_states.new_zeros(()))
+        return self.norm(hidden_states), past_key_values, aux_loss
+
+    @staticmethod
+    def default_position_ids(attention_mask, query_len, past_len, device):
+        """0, 1, 2, ... counted over real tokens only, so a left-padded prompt starts at 0."""
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            return positions[:, -query_len:]
+        return torch.arange(past_len, past_len + query_len, device=device)[None, :]
+
+
+class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MiniMindConfig | None = None):
+        config = config or MiniMindConfig()
+        super().__init__(config)
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model.embed_tokens.weight = self.lm_head.weight  # tied: one matrix reads and writes tokens
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, labels=None, logits_to_keep: int = 0, inputs_embeds=None, **kwargs):
+        hidden_states, past_key_values, aux_loss = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds)
+        if logits_to_keep:  # generation only needs the last position's logits
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            # token t predicts token t+1; -100 marks positions without a target
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
+                                         past_key_values=past_key_values if use_cache else None)
+
+
+AutoConfig.register(MiniMindConfig.model_type, MiniMindConfig, exist_ok=True)
+AutoModelForCausalLM.register(MiniMindConfig, MiniMindForCausalLM, exist_ok=True)
