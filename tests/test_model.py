@@ -1,0 +1,255 @@
+"""The decoder: shapes, loss, attention paths, padding, KV cache, MoE, configs, transformers plumbing."""
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, MOEFeedForward, rope_inverse_frequencies
+
+VOCAB = 6400
+
+
+def tiny_config(**overrides) -> MiniMindConfig:
+    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return MiniMindConfig(**{**sizes, **overrides})
+
+
+def tiny_model(seed=0, **overrides) -> MiniMindForCausalLM:
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(tiny_config(**overrides)).eval()
+
+
+def random_ids(batch, seq, seed=1):
+    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_forward_shapes_and_tied_embedding():
+    model = tiny_model()
+    out = model(random_ids(3, 11))
+    assert out.logits.shape == (3, 11, VOCAB)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model(random_ids(3, 11), logits_to_keep=1).logits.shape == (3, 1, VOCAB)
+
+
+def test_loss_equals_manual_cross_entropy_with_ignored_positions():
+    model = tiny_model()
+    ids = random_ids(2, 9)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels)
+    manual = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, manual, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_sdpa_path_equals_manual_path(padding_side):
+    sdpa, manual = tiny_model(seed=3), tiny_model(seed=3, flash_attn=False)
+    ids = random_ids(2, 12)
+    mask = torch.ones_like(ids)
+    if padding_side == "right":
+        mask[1, 8:] = 0
+    else:
+        mask[1, :4] = 0
+    for attention_mask in (None, mask):
+        a = sdpa(ids, attention_mask=attention_mask).logits
+        b = manual(ids, attention_mask=attention_mask).logits
+        assert torch.allclose(a, b, atol=1e-5), (padding_side, (a - b).abs().max())
+
+
+def test_padded_batch_equals_unpadded_rows():
+    model = tiny_model()
+    short, long = random_ids(1, 5, seed=4), random_ids(1, 9, seed=5)
+    alone_short, alone_long = model(short).logits, model(long).logits
+
+    right = torch.cat([F.pad(short, (0, 4)), long])
+    right_mask = torch.tensor([[1] * 5 + [0] * 4, [1] * 9])
+    out = model(right, attention_mask=right_mask).logits
+    assert torch.allclose(out[0, :5], alone_short[0], atol=1e-5)
+    assert torch.allclose(out[1], alone_long[0], atol=1e-5)
+
+    left = torch.cat([F.pad(short, (4, 0)), long])
+    left_mask = torch.tensor([[0] * 4 + [1] * 5, [1] * 9])
+    out = model(left, attention_mask=left_mask).logits
+    assert torch.allclose(out[0, 4:], alone_short[0], atol=1e-5)
+    assert torch.allclose(out[1], alone_long[0], atol=1e-5)
+    assert torch.isfinite(out).all()  # padding rows must not produce NaN
+
+
+def test_four_d_mask_keeps_packed_documents_apart():
+    model = tiny_model()
+    doc_a, doc_b = random_ids(1, 4, seed=6), random_ids(1, 6, seed=7)
+    packed = torch.cat([doc_a, doc_b], dim=1)
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    document = torch.tensor([0] * 4 + [1] * 6)
+    causal = torch.tril(torch.ones(10, 10, dtype=torch.bool))
+    mask = (causal & (document[:, None] == document[None, :]))[None, None]
+    out = model(packed, attention_mask=mask, position_ids=position_ids).logits
+    assert torch.allclose(out[0, :4], model(doc_a).logits[0], atol=1e-5)
+    assert torch.allclose(out[0, 4:], model(doc_b).logits[0], atol=1e-5)
+
+
+def greedy_without_cache(model, ids, steps):
+    logits_seen = []
+    for _ in range(steps):
+        logits = model(ids).logits[:, -1]
+        logits_seen.append(logits)
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids, torch.stack(logits_seen, 1)
+
+
+def greedy_with_cache(model, ids, steps):
+    from transformers import DynamicCache
+    cache, logits_seen, step_input = DynamicCache(), [], ids
+    for _ in range(steps):
+        logits = model(step_input, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits_seen.append(logits)
+        step_input = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, step_input], dim=1)
+    return ids, torch.stack(logits_seen, 1)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_kv_cache_decoding_equals_full_recomputation(use_moe):
+    model = tiny_model(use_moe=use_moe)
+    prompt = random_ids(2, 7)
+    with torch.no_grad():
+        full_ids, full_logits = greedy_without_cache(model, prompt, 12)
+        cached_ids, cached_logits = greedy_with_cache(model, prompt, 12)
+    assert torch.equal(full_ids, cached_ids)
+    assert torch.allclose(full_logits, cached_logits, atol=1e-4)
+
+
+def test_generate_matches_manual_greedy_and_streams():
+    from transformers import AutoTokenizer, TextIteratorStreamer
+    from tests.conftest import REPO_ROOT
+    tokenizer = AutoTokenizer.from_pretrained(f"{REPO_ROOT}/model")
+    model = tiny_model()
+    prompt = tokenizer("你好，MiniMind! Hello", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected, _ = greedy_without_cache(model, prompt, 10)
+    generated = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(generated, expected)
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    kwargs = dict(input_ids=prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+                  streamer=streamer)
+    thread = threading.Thread(target=model.generate, kwargs=kwargs)
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    assert streamed == tokenizer.decode(expected[0, prompt.shape[1]:])
+
+
+def test_generate_left_padded_batch_equals_single_prompts():
+    model = tiny_model()
+    short, long = random_ids(1, 4, seed=8), random_ids(1, 7, seed=9)
+    batch = torch.cat([F.pad(short, (3, 0)), long])
+    mask = torch.tensor([[0] * 3 + [1] * 4, [1] * 7])
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    alone_short = model.generate(short, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    alone_long = model.generate(long, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(out[0, 3:], alone_short[0])
+    assert torch.equal(out[1], alone_long[0])
+
+
+# --- mixture of experts ---------------------------------------------------------------------------
+
+def moe_layer(model) -> MOEFeedForward:
+    return model.model.layers[0].mlp
+
+
+def test_moe_training_path_equals_inference_path():
+    model = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2)
+    layer = moe_layer(model)
+    x = torch.randn(3, 10, 64)
+    topk_idx, topk_weight, _ = layer.gate(x)
+    tokens = x.reshape(-1, 64)
+    train = layer.route_training(tokens, topk_idx, topk_weight)
+    infer = layer.route_inference(tokens, topk_idx, topk_weight)
+    assert torch.allclose(train, infer, atol=1e-6)
+
+
+def test_moe_aux_loss_positive_in_training_zero_in_eval():
+    model = tiny_model(use_moe=True)
+    ids = random_ids(2, 16)
+    assert model(ids).aux_loss.item() == 0.0
+    model.train()
+    assert model(ids).aux_loss.item() > 0.0
+    model.config.seq_aux = False
+    for layer in model.model.layers:
+        layer.mlp.gate.seq_aux = False
+    assert model(ids).aux_loss.item() > 0.0
+
+
+def test_moe_gradients_reach_routed_and_shared_experts():
+    model = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2).train()
+    layer = moe_layer(model)
+    picked = []
+    layer.gate.register_forward_hook(lambda module, inputs, output: picked.append(output[0]))
+    ids = random_ids(4, 32)
+    out = model(ids, labels=ids)
+    (out.loss + out.aux_loss).backward()
+    used = set(picked[0].flatten().tolist())
+    assert used, "the router picked no expert"
+    for e, expert in enumerate(layer.experts):
+        grad = expert.gate_proj.weight.grad
+        assert grad is not None  # every expert is in the graph, used or not (DDP needs this)
+        assert (grad.abs().sum() > 0) == (e in used)
+    assert layer.shared_experts[0].down_proj.weight.grad.abs().sum() > 0
+    assert layer.gate.weight.grad.abs().sum() > 0
+
+
+# --- configs and transformers plumbing ------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes, expected", [
+    (dict(hidden_size=512, num_hidden_layers=8), 25_829_888),
+    (dict(hidden_size=768, num_hidden_layers=16), 104_030_976),
+    (dict(hidden_size=640, num_hidden_layers=8, use_moe=True), 145_029_760),
+])
+def test_official_parameter_counts(sizes, expected):
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(MiniMindConfig(**sizes))
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_state_dict_keys_follow_minimind2():
+    keys = set(tiny_model(use_moe=True).state_dict())
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
+                "model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight",
+                "model.layers.0.mlp.experts.3.down_proj.weight", "model.layers.0.mlp.shared_experts.0.up_proj.weight"}
+    assert expected <= keys
+    assert not any("bias" in k or "rotary" in k or "freqs" in k for k in keys)
+    dense = set(tiny_model().state_dict())
+    assert "model.layers.0.mlp.gate_proj.weight" in dense and len(dense) == 3 + 2 * 9
+
+
+def test_save_pretrained_round_trip_through_auto_classes(tmp_path):
+    model = tiny_model(use_moe=True)
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "minimind"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, MiniMindForCausalLM)
+    ids = random_ids(2, 6)
+    assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-6)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_rope_scaling_stretches_only_slow_frequencies():
+    plain, _ = rope_inverse_frequencies(tiny_config())
+    yarn, scale = rope_inverse_frequencies(tiny_config(rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048, "beta_fast": 32, "beta_slow": 1}))
+    assert torch.allclose(yarn[0], plain[0])  # the fastest pair turns many times in 2048 positions: kept
+    assert torch.allclose(yarn[-1], plain[-1] / 4)  # the slowest pair is interpolated
+    assert scale > 1.0
+    ntk, _ = rope_inverse_frequencies(tiny_config(rope_scaling={"type": "ntk", "factor": 4.0}))
+    assert ntk[0] == plain[0] and ntk[-1] < plain[-1]
+    with pytest.raises(ValueError, match="rope_scaling"):
+        rope_inverse_frequencies(tiny_config(rope_scaling={"type": "bogus", "factor": 2.0}))
+
+
+def test_bad_head_configuration_is_a_clear_error():
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        MiniMindConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
