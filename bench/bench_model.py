@@ -1,0 +1,156 @@
+"""MiniMind's decoder against transformers' LlamaForCausalLM of identical shapes, side by side.
+
+Measures, in one run on the same machine:
+  - training steps (forward + backward + AdamW step), fp32, default 26M config, batch 8 x 512;
+  - greedy decoding tokens/s at batch 1: MiniMind's own generation routine (KV cache) versus
+    `LlamaForCausalLM.generate` (and MiniMind's `generate()` through transformers, for reference).
+Both models hold the same weights (checked: equal logits), so they compute the same function.
+Runs alternate between the two models so that machine noise hits both alike.
+
+    python bench/bench_model.py                 # writes bench/results/model.json
+    python bench/bench_model.py --steps 2 --batch_size 2 --seq_len 128 --new_tokens 32   # quick
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+
+
+def llama_twin(config: MiniMindConfig) -> LlamaForCausalLM:
+    """A LlamaForCausalLM with exactly MiniMind's shapes (and, once loaded, its weights)."""
+    llama_config = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
+    return LlamaForCausalLM(llama_config)
+
+
+def build_pair(hidden_size, num_hidden_layers, seed=0):
+    torch.manual_seed(seed)
+    minimind = MiniMindForCausalLM(MiniMindConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers))
+    llama = llama_twin(minimind.config)
+    llama.load_state_dict(minimind.state_dict(), strict=True)
+    return minimind, llama
+
+
+def check_same_function(minimind, llama):
+    ids = torch.randint(3, minimind.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        diff = (minimind.eval()(ids).logits - llama.eval()(ids).logits).abs().max().item()
+    assert diff < 1e-4, f"MiniMind and its Llama twin disagree (max |Δlogit| {diff})"
+    return diff
+
+
+def time_train_steps(model, batch_size, seq_len, steps, warmup=1):
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(3, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(1))
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def minimind_decode(model, prompt, new_tokens):
+    """The project's generation routine (model/inference.py) when present, greedy."""
+    from model.inference import generate_ids
+    return list(generate_ids(model, prompt, max_new_tokens=new_tokens, temperature=0.0, eos_token_id=None))
+
+
+@torch.no_grad()
+def time_decode(fn, new_tokens, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        produced = fn()
+        elapsed = time.perf_counter() - start
+        assert produced == new_tokens, f"expected {new_tokens} new tokens, got {produced}"
+        times.append(new_tokens / elapsed)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden_size", type=int, default=512)
+    parser.add_argument("--num_hidden_layers", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps per model and round")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (MiniMind, Llama, ...)")
+    parser.add_argument("--prompt_len", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "model.json"))
+    args = parser.parse_args()
+
+    minimind, llama = build_pair(args.hidden_size, args.num_hidden_layers)
+    max_diff = check_same_function(minimind, llama)
+
+    train = {"minimind": [], "llama": []}
+    for _ in range(args.rounds):
+        train["minimind"] += time_train_steps(minimind, args.batch_size, args.seq_len, args.steps)
+        train["llama"] += time_train_steps(llama, args.batch_size, args.seq_len, args.steps)
+
+    minimind.eval(), llama.eval()
+    prompt = torch.randint(3, minimind.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(2))
+    greedy = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+    def ours():
+        return len(minimind_decode(minimind, prompt, args.new_tokens))
+
+    def hf_llama():
+        return llama.generate(prompt, **greedy).shape[1] - args.prompt_len
+
+    def hf_minimind():
+        return minimind.generate(prompt, **greedy).shape[1] - args.prompt_len
+
+    decode = {"minimind_routine": [], "llama_generate": [], "minimind_generate": []}
+    time_decode(ours, args.new_tokens, 1), time_decode(hf_llama, args.new_tokens, 1)  # warm-up
+    for _ in range(args.rounds + 1):
+        decode["minimind_routine"] += time_decode(ours, args.new_tokens, 1)
+        decode["llama_generate"] += time_decode(hf_llama, args.new_tokens, 1)
+        decode["minimind_generate"] += time_decode(hf_minimind, args.new_tokens, 1)
+
+    step_minimind, step_llama = statistics.median(train["minimind"]), statistics.median(train["llama"])
+    tokens_per_step = args.batch_size * args.seq_len
+    result = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+        "config": vars(args) | {"parameters": sum(p.numel() for p in minimind.parameters()),
+                                "max_abs_logit_diff_vs_llama": max_diff},
+        "train_step_seconds_median": {"minimind": step_minimind, "llama": step_llama},
+        "train_tokens_per_second": {"minimind": tokens_per_step / step_minimind, "llama": tokens_per_step / step_llama},
+        "train_speedup_minimind_over_llama": step_llama / step_minimind,
+        "decode_tokens_per_second_median": {k: statistics.median(v) for k, v in decode.items()},
+        "decode_speedup_minimind_routine_over_llama_generate":
+            statistics.median(decode["minimind_routine"]) / statistics.median(decode["llama_generate"]),
+        "raw": {"train_step_seconds": train, "decode_tokens_per_second": decode},
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: v for k, v in result.items() if k != "raw"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
