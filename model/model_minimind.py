@@ -149,13 +149,13 @@ def rope_inverse_frequencies(config: MiniMindConfig) -> tuple[torch.Tensor, floa
     return inv_freq, attention_scale
 
 
-def rotary_cos_sin(config: MiniMindConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+def rotary_cos_sin(inv_freq: torch.Tensor, attention_scale: float, position_ids: torch.Tensor,
+                   dtype: torch.dtype):
     """cos/sin tables for the given positions, shape (batch, seq, head_dim).
 
-    Computed on the fly from position_ids (not stored as a buffer), so padded batches and
+    Computed from position_ids at each forward (not stored as a buffer), so padded batches and
     packed documents get the right angles and there is no table to keep in the checkpoint."""
-    inv_freq, attention_scale = rope_inverse_frequencies(config)
-    angles = position_ids[..., None].float() * inv_freq.to(position_ids.device)
+    angles = position_ids[..., None].float() * inv_freq
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: [θ0..θd/2, θ0..θd/2]
     return (angles.cos() * attention_scale).to(dtype), (angles.sin() * attention_scale).to(dtype)
 
@@ -408,6 +408,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([MiniMindBlock(i, config) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._rope = None
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -419,7 +420,8 @@ class MiniMindModel(MiniMindPreTrainedModel):
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = self.default_position_ids(attention_mask, query_len, past_len, hidden_states.device)
-        cos, sin = rotary_cos_sin(self.config, position_ids, hidden_states.dtype)
+        inv_freq, attention_scale = self.rope_frequencies(hidden_states.device)
+        cos, sin = rotary_cos_sin(inv_freq, attention_scale, position_ids, hidden_states.dtype)
         mask = build_attention_mask(attention_mask, query_len, past_len, hidden_states.device)
 
         hidden_states = self.dropout(hidden_states)
@@ -428,6 +430,13 @@ class MiniMindModel(MiniMindPreTrainedModel):
         aux_loss = sum((layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MOEFeedForward)),
                        hidden_states.new_zeros(()))
         return self.norm(hidden_states), past_key_values, aux_loss
+
+    def rope_frequencies(self, device):
+        """RoPE frequencies, computed once per device (lazily: the model may be built on 'meta')."""
+        if self._rope is None or self._rope[0].device != device:
+            inv_freq, attention_scale = rope_inverse_frequencies(self.config)
+            self._rope = (inv_freq.to(device), attention_scale)
+        return self._rope
 
     @staticmethod
     def default_position_ids(attention_mask, query_len, past_len, device):
