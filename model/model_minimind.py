@@ -231,13 +231,17 @@ class Attention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # returns all keys/values so far
         n_rep = self.num_heads // self.num_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         dropout = self.dropout if self.training else 0.0
-        if self.flash_attn:
-            is_causal = mask is None and seq > 1 and k.shape[2] == seq
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        if self.flash_attn and mask is None:
+            # enable_gqa lets the kernel share each kv head among its query heads without copying
+            is_causal = seq > 1 and k.shape[2] == seq
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal, enable_gqa=True)
+        elif self.flash_attn:
+            # with an explicit mask some CUDA kernels lack GQA support: copy the kv heads instead
+            out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
+                                                 dropout_p=dropout)
         else:
-            out = self.manual_attention(q, k, v, mask, dropout)
+            out = self.manual_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout)
         out = out.transpose(1, 2).reshape(batch, seq, -1)
         return self.resid_dropout(self.o_proj(out))
 
