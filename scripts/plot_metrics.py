@@ -1,0 +1,127 @@
+"""Plot the loss and learning-rate curves of one or several training runs into a PNG.
+
+Every trainer writes one JSON object per optimizer step to {out_dir}/{stage}_{hidden}{_moe}_metrics.jsonl
+(step, epoch, loss, lr, tokens_per_s, ...). This script needs no wandb and no display:
+
+    python scripts/plot_metrics.py out/pretrain_512_metrics.jsonl out/full_sft_512_metrics.jsonl
+    python scripts/plot_metrics.py out                      # every *_metrics.jsonl in the folder
+    python scripts/plot_metrics.py out --out curves.png --smooth 20
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # render to a file; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Plot loss and lr curves from *_metrics.jsonl files")
+    p.add_argument("paths", nargs="+", help="metrics files, or folders holding *_metrics.jsonl files")
+    p.add_argument("--out", default=None,
+                   help="PNG to write (default: next to the first file, <run>_metrics.png, or metrics.png for several)")
+    p.add_argument("--smooth", type=int, default=0,
+                   help="also draw a moving average of the loss over this many steps (0 = off)")
+    return p.parse_args(argv)
+
+
+def metrics_files(paths: list[str]) -> list[str]:
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "*_metrics.jsonl")))
+            if not found:
+                raise SystemExit(f"{path}: no *_metrics.jsonl files in this folder")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise SystemExit(f"{path}: no such file or folder")
+    return files
+
+
+def read_metrics(path: str) -> list[dict]:
+    """One record per step; a step written twice (a run resumed from before it) keeps its last record."""
+    by_step = {}
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                by_step[int(record["step"])] = record
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise SystemExit(f"{path}:{line_number}: not a metrics record ({error})")
+    if not by_step:
+        raise SystemExit(f"{path}: no metrics records")
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def run_label(path: str) -> str:
+    name = os.path.basename(path)
+    return name[:-len("_metrics.jsonl")] if name.endswith("_metrics.jsonl") else name
+
+
+def run_labels(files: list[str]) -> list[str]:
+    """Run names from the file names; runs of the same name in different folders get the folder too."""
+    labels = [run_label(path) for path in files]
+    return [f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{label}" if labels.count(label) > 1
+            else label for path, label in zip(files, labels)]
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    out, total, queue = [], 0.0, []
+    for v in values:
+        queue.append(v)
+        total += v
+        if len(queue) > window:
+            total -= queue.pop(0)
+        out.append(total / len(queue))
+    return out
+
+
+def plot(runs: dict[str, list[dict]], out_path: str, smooth: int = 0) -> None:
+    fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(9, 7), sharex=False)
+    for label, records in runs.items():
+        finite = [r for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+        steps, losses = [r["step"] for r in finite], [r["loss"] for r in finite]
+        line, = loss_ax.plot(steps, losses, alpha=0.35 if smooth else 1.0, linewidth=1, label=label)
+        if smooth > 1:
+            loss_ax.plot(steps, moving_average(losses, smooth), color=line.get_color(), linewidth=2,
+                         label=f"{label} (mean of {smooth})")
+        lr_ax.plot([r["step"] for r in records], [r["lr"] for r in records], label=label)
+    loss_ax.set(title="training loss", xlabel="optimizer step", ylabel="loss")
+    lr_ax.set(title="learning rate", xlabel="optimizer step", ylabel="lr")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    for ax in (loss_ax, lr_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def default_out_path(files: list[str]) -> str:
+    if len(files) == 1:
+        return os.path.splitext(files[0])[0] + ".png"
+    return os.path.join(os.path.dirname(files[0]), "metrics.png")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    files = metrics_files(args.paths)
+    runs = {label: read_metrics(path) for label, path in zip(run_labels(files), files)}
+    out_path = args.out or default_out_path(files)
+    plot(runs, out_path, args.smooth)
+    print(f"wrote {out_path} ({len(runs)} run(s): {', '.join(runs)})")
+    return out_path
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
