@@ -1,0 +1,522 @@
+"""Talking to a trained MiniMind: loading a model and generating replies, shared by every front end.
+
+eval_model.py (terminal), scripts/serve_openai_api.py (OpenAI-compatible HTTP API) and
+scripts/web_demo.py (Streamlit) all go through this file, so they load the same files the same
+way and give the same reply to the same prompt.
+
+Loading
+    add_model_args(parser)   the flags: size flags, --load, --model_mode, --out_dir, --lora_name, ...
+    load_model(args)         -> (model, tokenizer); raises ModelLoadError with a helpful message
+
+Generating
+    build_prompt_ids(tokenizer, messages, raw=False)   chat template (or bos + text for pretrain)
+    Generation(model, tokenizer, prompt_ids, ...)      iterate it for streamed text deltas
+    generate_text(...)                                 the whole reply as one string
+    split_reasoning(text) / ReasoningSplitter          `<think>…</think>` apart from the answer
+
+One token per step with a KV cache: the prompt is run through the model once, then every new
+token is a single-position forward pass that reuses the cached keys and values.
+"""
+import argparse
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import DynamicCache
+
+from model.checkpoint import (SCRIPT_OF_STAGE, STAGE_OF_MODEL_MODE, config_from_sizes, load_weights,
+                              lora_path, read_state_dict, weight_path)
+from model.model_lora import apply_lora, load_lora, merge_lora
+from model.model_minimind import MiniMindForCausalLM  # also registers "minimind" with the Auto* classes
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TOKENIZER_DIR = REPO_ROOT / "model"
+EOS_TOKEN_ID = 2  # <|im_end|>: a chat reply ends here
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; the message says what is missing and how to make it.
+    Scripts print it and exit with code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line flags
+# ----------------------------------------------------------------------------------------------
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags that say which model to load and where to run it (MiniMind's names)."""
+    modes = ", ".join(f"{mode} {stage}" for mode, stage in STAGE_OF_MODEL_MODE.items())
+    group = parser.add_argument_group("model")
+    group.add_argument("--load", type=int, default=0, choices=[0, 1],
+                       help="0: native weights {out_dir}/{stage}_{hidden}{_moe}.pth, 1: a transformers folder (--hf_path)")
+    group.add_argument("--model_mode", type=int, default=1, choices=sorted(STAGE_OF_MODEL_MODE),
+                       help=f"which stage's weights to load: {modes}")
+    group.add_argument("--out_dir", default=str(REPO_ROOT / "out"), help="folder with the trained .pth files")
+    group.add_argument("--lora_name", default=None,
+                       help="LoRA adapter to add, read from {out_dir}/lora/{lora_name}_{hidden}.pth ('None' = none)")
+    group.add_argument("--hf_path", default=None, help="transformers model folder for --load 1")
+    group.add_argument("--tokenizer_path", default=None,
+                       help="tokenizer folder (default: the --hf_path folder if it has one, else model/)")
+    group.add_argument("--hidden_size", type=int, default=512)
+    group.add_argument("--num_hidden_layers", type=int, default=8)
+    group.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    group.add_argument("--device", default=default_device(), help="cuda, cuda:1, cpu, mps, ...")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: bfloat16 (or float16) on a GPU, float32 on the CPU")
+    return parser
+
+
+def model_args(**overrides) -> argparse.Namespace:
+    """The flags' defaults with some values replaced, for callers without a command line."""
+    args = add_model_args(argparse.ArgumentParser()).parse_args([])
+    unknown = set(overrides) - set(vars(args))
+    if unknown:
+        raise TypeError(f"unknown model argument(s): {sorted(unknown)}")
+    vars(args).update(overrides)
+    return args
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def lora_name_of(args) -> str | None:
+    """MiniMind writes `--lora_name None` for "no adapter"."""
+    name = getattr(args, "lora_name", None)
+    return None if name in (None, "", "None", "none") else name
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def load_model(args) -> tuple[torch.nn.Module, object]:
+    """(model in eval mode on args.device, tokenizer) as the flags describe."""
+    if args.load == 1:
+        model = load_transformers_folder(args.hf_path)
+        tokenizer_dir = args.tokenizer_path or tokenizer_dir_for(args.hf_path)
+    else:
+        model = load_native(args)
+        tokenizer_dir = args.tokenizer_path or DEFAULT_TOKENIZER_DIR
+    device = args.device
+    model = model.to(device=device, dtype=resolve_dtype(args.dtype, device)).eval()
+    return model, load_tokenizer(tokenizer_dir)
+
+
+def load_tokenizer(folder) -> object:
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise ModelLoadError(f"no tokenizer in {folder} (expected tokenizer.json and tokenizer_config.json); "
+                             f"the shipped one is in model/, or train one with: python scripts/train_tokenizer.py")
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def tokenizer_dir_for(hf_path: str) -> Path:
+    """A converted folder usually carries its tokenizer; if not, use the shipped one."""
+    has_tokenizer = (Path(hf_path) / "tokenizer.json").is_file() or (Path(hf_path) / "tokenizer_config.json").is_file()
+    return Path(hf_path) if has_tokenizer else DEFAULT_TOKENIZER_DIR
+
+
+def load_native(args) -> MiniMindForCausalLM:
+    """MiniMind's own format: build the model from the size flags and read the .pth into it."""
+    stage = STAGE_OF_MODEL_MODE[args.model_mode]
+    path = weight_path(args.out_dir, stage, args.hidden_size, bool(args.use_moe))
+    if not os.path.isfile(path):
+        raise ModelLoadError(missing_weights_message(path, args))
+    model = MiniMindForCausalLM(config_from_sizes(args.hidden_size, args.num_hidden_layers, bool(args.use_moe)))
+    try:
+        load_weights(model, path)
+    except ValueError as e:  # shape mismatch: the message names the size flags to use
+        raise ModelLoadError(str(e)) from e
+    if lora_name_of(args):
+        add_lora_adapter(model, args)
+    return model
+
+
+def add_lora_adapter(model: torch.nn.Module, args) -> None:
+    """Attach the adapter with the layers and rank its file was trained with, then fold it into
+    the base weights (same output, and decoding runs without the adapter's extra matmuls)."""
+    name = lora_name_of(args)
+    path = lora_path(args.out_dir, name, args.hidden_size)
+    if not os.path.isfile(path):
+        raise ModelLoadError(missing_lora_message(path, name, args))
+    saved = read_state_dict(path)
+    targets = sorted(k[: -len(".lora.A.weight")] for k in saved if k.endswith(".lora.A.weight"))
+    if not targets:
+        raise ModelLoadError(f"{path} holds no LoRA adapter weights (no '*.lora.A.weight' keys)")
+    rank = saved[targets[0] + ".lora.A.weight"].shape[0]
+    try:
+        apply_lora(model, rank=rank, targets=targets)
+        load_lora(model, path)
+    except ValueError as e:
+        raise ModelLoadError(f"{e}\n  (--hidden_size {args.hidden_size} --num_hidden_layers "
+                             f"{args.num_hidden_layers} must be those of the model the adapter was trained on)") from e
+    merge_lora(model)
+
+
+def load_transformers_folder(hf_path: str | None) -> torch.nn.Module:
+    """A folder written by save_pretrained (scripts/convert_model.py): MiniMind or Llama format.
+
+    No remote code is ever run: MiniMind's classes are registered by importing
+    model.model_minimind, and Llama is built into transformers."""
+    if not hf_path:
+        raise ModelLoadError("--load 1 needs --hf_path DIR, a transformers model folder "
+                             "(make one with: python scripts/convert_model.py --mode torch2hf ...)")
+    config_file = Path(hf_path) / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{hf_path} is not a transformers model folder (no config.json); "
+                             f"make one with: python scripts/convert_model.py --mode torch2hf --in out/full_sft_512.pth "
+                             f"--out {hf_path}")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{config_file}: not valid JSON ({e})") from e
+    try:
+        return AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as e:
+        raise ModelLoadError(f"could not load {hf_path} (model_type {model_type!r}): {e}") from e
+
+
+def missing_weights_message(path: str, args) -> str:
+    stage = STAGE_OF_MODEL_MODE[args.model_mode]
+    size_flags = f"--hidden_size {args.hidden_size} --num_hidden_layers {args.num_hidden_layers} --use_moe {args.use_moe}"
+    return "\n".join([
+        f"no weights at {path} (--model_mode {args.model_mode} = {stage}, {size_flags})",
+        describe_folder(args.out_dir, ".pth"),
+        f"create it with: python {SCRIPT_OF_STAGE[stage]} {size_flags}",
+        "or point --out_dir / --model_mode / the size flags at a file that exists "
+        "(--load 1 --hf_path DIR loads a transformers folder)",
+    ])
+
+
+def missing_lora_message(path: str, name: str, args) -> str:
+    return "\n".join([
+        f"no LoRA adapter at {path} (--lora_name {name}, --hidden_size {args.hidden_size})",
+        describe_folder(os.path.join(args.out_dir, "lora"), ".pth"),
+        f"create it with: python trainer/train_lora.py --lora_name {name} --hidden_size {args.hidden_size} "
+        f"--num_hidden_layers {args.num_hidden_layers}",
+    ])
+
+
+def describe_folder(folder: str, suffix: str) -> str:
+    if not os.path.isdir(folder):
+        return f"{folder}/ does not exist"
+    names = sorted(n for n in os.listdir(folder) if n.endswith(suffix))
+    if not names:
+        return f"{folder}/ has no {suffix} files"
+    return f"{suffix} files in {folder}/: " + ", ".join(names)
+
+
+def sizes_of_checkpoint(path: str) -> dict:
+    """The size flags a MiniMind .pth was saved with, read off its weight names and shapes."""
+    state_dict = read_state_dict(path)
+    if "model.embed_tokens.weight" not in state_dict:
+        raise ModelLoadError(f"{path} is not a MiniMind checkpoint (no model.embed_tokens.weight)")
+    return {
+        "hidden_size": state_dict["model.embed_tokens.weight"].shape[1],
+        "num_hidden_layers": len({k.split(".")[2] for k in state_dict if k.startswith("model.layers.")}),
+        "use_moe": int(any(".mlp.experts." in k for k in state_dict)),
+    }
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (the tied embedding / lm_head matrix counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------
+
+def trim_history(messages: list[dict], history_cnt: int) -> list[dict]:
+    """Keep the system message, the last `history_cnt` earlier turns (user + assistant pairs)
+    and the current message: small models were trained on short contexts."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    dialogue = messages[len(system):]
+    current, past = dialogue[-1:], dialogue[:-1]
+    kept = past[len(past) - 2 * history_cnt:] if history_cnt > 0 else []
+    return system + kept + current
+
+
+def build_prompt_ids(tokenizer, messages: list[dict], raw: bool = False) -> list[int]:
+    """Token ids the model continues from.
+
+    Chat models: the ChatML template with the assistant turn opened. The pretrain model has
+    never seen a chat template, so it gets <|im_start|> + the plain text of the last message
+    to continue, as MiniMind does."""
+    if raw:
+        text = tokenizer.bos_token + messages[-1]["content"]
+    else:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make every token already in the text less likely: positive logits are divided by the
+    penalty, negative ones multiplied (the CTRL paper's rule, as transformers applies it)."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """One token id (a 1-element tensor) from the last position's logits.
+
+    temperature 0 is greedy. Otherwise softmax(logits / temperature), keep the smallest set of
+    most likely tokens whose probabilities add up to top_p (nucleus sampling), draw one."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator)
+    sorted_probs, sorted_ids = probs.sort(descending=True)
+    # drop a token once the tokens ranked above it already cover top_p (the first always stays)
+    outside_nucleus = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+    sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
+    return sorted_ids[torch.multinomial(sorted_probs, 1, generator=generator)]
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A private random stream for one reply, so a seed reproduces it whatever else runs."""
+    if seed is None:
+        return None  # torch's global generator
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@torch.inference_mode()
+def generate_token_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                       top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                       eos_token_id: int | None = EOS_TOKEN_ID, cancel: threading.Event | None = None):
+    """Yield new token ids one at a time (the eos token included, then stop).
+
+    Step 0 runs the whole prompt and fills the KV cache; every later step feeds only the
+    newest token. logits_to_keep=1 computes the vocabulary projection for the last position only."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    cache = DynamicCache()
+    generator = make_generator(seed, device)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
+        seen[input_ids[0]] = True
+    for _ in range(max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            return
+        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        if seen is not None:
+            logits = penalize_repetition(logits, seen, repetition_penalty)
+        next_id = sample_next_token(logits, temperature, top_p, generator)
+        token = next_id.item()
+        yield token
+        if token == eos_token_id:
+            return
+        if seen is not None:
+            seen[token] = True
+        input_ids = next_id.view(1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# From token ids to streamed text
+# ----------------------------------------------------------------------------------------------
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text deltas that never end inside a character.
+
+    A Chinese character or an emoji is 3-4 UTF-8 bytes and a byte-level token may hold only
+    part of it; decoding such a part gives U+FFFD. So ids are kept until their text no longer
+    ends in U+FFFD, then the text is emitted and decoding starts afresh after it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending_ids: list[int] = []
+
+    def add(self, token_id: int) -> str:
+        self.pending_ids.append(token_id)
+        text = self.decode_pending()
+        if text.endswith("\ufffd"):
+            return ""  # the last character's remaining bytes are still to come
+        self.pending_ids = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is left at the end, even an incomplete character."""
+        text = self.decode_pending()
+        self.pending_ids = []
+        return text
+
+    def decode_pending(self) -> str:
+        return self.tokenizer.decode(self.pending_ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+
+
+def held_back_length(text: str, words) -> int:
+    """Length of the longest end of `text` that could be the start of one of `words`:
+    that much must wait for the next delta before we know what it is."""
+    longest = max((len(w) for w in words), default=0)
+    for size in range(min(len(text), longest - 1), 0, -1):
+        if any(w.startswith(text[-size:]) for w in words):
+            return size
+    return 0
+
+
+class StopStringFilter:
+    """OpenAI's `stop`: the reply ends before the first occurrence of any stop string, which is
+    not returned. Text that might be the start of a stop string is held back until it is not."""
+
+    def __init__(self, stop_strings):
+        self.stop_strings = [s for s in (stop_strings or []) if s]
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if not self.stop_strings:
+            return text
+        self.held += text
+        hits = [i for i in (self.held.find(s) for s in self.stop_strings) if i >= 0]
+        if hits:
+            out, self.held, self.stopped = self.held[:min(hits)], "", True
+            return out
+        keep = held_back_length(self.held, self.stop_strings)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+class Generation:
+    """One reply, generated on demand: iterate over it for the text deltas.
+
+        reply = Generation(model, tokenizer, prompt_ids, max_new_tokens=256, temperature=0.7)
+        for delta in reply:
+            print(delta, end="", flush=True)
+        reply.finish_reason  # "stop" (eos or a stop string), "length" or "cancelled"
+
+    Afterwards .text holds the whole reply and .prompt_tokens / .completion_tokens the counts
+    (the completion count includes the closing eos token when there is one)."""
+
+    def __init__(self, model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 512,
+                 temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None, cancel: threading.Event | None = None):
+        context_left = model.config.max_position_embeddings - len(prompt_ids)
+        if context_left <= 0:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                             f"{model.config.max_position_embeddings}")
+        self.model, self.tokenizer, self.prompt_ids = model, tokenizer, prompt_ids
+        self.max_new_tokens = min(max_new_tokens, context_left)
+        self.sampling = dict(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+        self.stop, self.cancel = stop, cancel
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason = None
+        self.text = ""
+
+    def __iter__(self):
+        decoder = IncrementalDecoder(self.tokenizer)
+        stop_filter = StopStringFilter(self.stop)
+        self.finish_reason = "length"
+        for token in generate_token_ids(self.model, self.prompt_ids, self.max_new_tokens, cancel=self.cancel,
+                                        **self.sampling):
+            self.completion_tokens += 1
+            if token == EOS_TOKEN_ID:
+                self.finish_reason = "stop"
+                break
+            delta = stop_filter.feed(decoder.add(token))
+            if delta:
+                self.text += delta
+                yield delta
+            if stop_filter.stopped:
+                self.finish_reason = "stop"
+                return
+        if self.cancel is not None and self.cancel.is_set():
+            self.finish_reason = "cancelled"
+        tail = stop_filter.feed(decoder.flush())
+        tail += "" if stop_filter.stopped else stop_filter.flush()
+        if stop_filter.stopped:
+            self.finish_reason = "stop"
+        if tail:
+            self.text += tail
+            yield tail
+
+
+def generate_text(model, tokenizer, prompt_ids: list[int], **options) -> str:
+    """The whole reply at once (same options as Generation)."""
+    return "".join(Generation(model, tokenizer, prompt_ids, **options))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reasoning models: <think>…</think> apart from the answer
+# ----------------------------------------------------------------------------------------------
+
+class ReasoningSplitter:
+    """Routes streamed text to "reasoning" (inside <think>…</think>) or "content" (the rest).
+
+    The tags themselves are dropped, as are the <answer>…</answer> tags that MiniMind's
+    reasoning data wraps the answer in, and the whitespace that starts each part. A tag split
+    across two deltas is held back until it is complete."""
+
+    TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+    def __init__(self):
+        self.kind = "content"
+        self.at_part_start = True
+        self.held = ""
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        """[(kind, text), ...] for the text that is now certain."""
+        self.held += text
+        pieces = []
+        while True:
+            found = [(self.held.find(tag), tag) for tag in self.TAGS if tag in self.held]
+            if not found:
+                break
+            index, tag = min(found)
+            self.emit(pieces, self.held[:index])
+            self.held = self.held[index + len(tag):]
+            if tag in ("<think>", "</think>"):
+                self.kind = "reasoning" if tag == "<think>" else "content"
+                self.at_part_start = True
+        keep = held_back_length(self.held, self.TAGS)
+        self.emit(pieces, self.held[:len(self.held) - keep])
+        self.held = self.held[len(self.held) - keep:]
+        return pieces
+
+    def flush(self) -> list[tuple[str, str]]:
+        pieces = []
+        self.emit(pieces, self.held)
+        self.held = ""
+        return pieces
+
+    def emit(self, pieces: list, text: str) -> None:
+        if self.at_part_start:
+            text = text.lstrip()
+        if text:
+            self.at_part_start = False
+            pieces.append((self.kind, text))
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of a whole reply; reasoning is "" when the model did not think aloud."""
+    splitter = ReasoningSplitter()
+    parts = {"reasoning": "", "content": ""}
+    for kind, piece in splitter.feed(text) + splitter.flush():
+        parts[kind] += piece
+    return parts["reasoning"], parts["content"]
