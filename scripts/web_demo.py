@@ -1,0 +1,178 @@
+"""A chat page for MiniMind in the browser (Streamlit).
+
+    streamlit run scripts/web_demo.py                         # models found in out/
+    streamlit run scripts/web_demo.py -- --out_dir my_out     # another folder (or $MINIMIND_OUT_DIR)
+    streamlit run scripts/web_demo.py -- --hf_path MiniMind2  # add a transformers folder
+
+The sidebar lists every checkpoint found: {stage}_{hidden}{_moe}.pth files in the out folder,
+LoRA adapters in its lora/ subfolder (on top of the full_sft weights of the same size) and
+transformers model folders (a config.json next to the weights). The chosen model is loaded once
+and kept for all sessions (st.cache_resource). Replies stream; a reasoning model's
+<think>…</think> text goes into a collapsible block above the answer.
+"""
+import argparse
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import streamlit as st
+
+from model.checkpoint import STAGE_OF_MODEL_MODE
+from model.inference import (Generation, ModelLoadError, ReasoningSplitter, build_prompt_ids, count_parameters,
+                             default_device, load_model, model_args, sizes_of_checkpoint, trim_history)
+
+MODE_OF_STAGE = {stage: mode for mode, stage in STAGE_OF_MODEL_MODE.items()}
+WEIGHTS_NAME = re.compile(r"^(?P<stage>" + "|".join(MODE_OF_STAGE) + r")_(?P<hidden>\d+)(?P<moe>_moe)?\.pth$")
+LORA_NAME = re.compile(r"^(?P<name>.+)_(?P<hidden>\d+)\.pth$")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def parse_args():
+    """Flags after `--` on the streamlit command line; unknown ones (e.g. a test runner's) are ignored."""
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    parser.add_argument("--out_dir", default=os.environ.get("MINIMIND_OUT_DIR", str(ROOT / "out")))
+    parser.add_argument("--hf_path", action="append", default=[], help="a transformers model folder (repeatable)")
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: model/)")
+    parser.add_argument("--max_new_tokens", type=int, default=1024, help="the sidebar's initial reply length")
+    return parser.parse_known_args(sys.argv[1:])[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Which models there are
+# ----------------------------------------------------------------------------------------------
+
+def find_models(out_dir: str, hf_paths: list[str]) -> dict[str, dict]:
+    """{label shown in the sidebar: how to load it}, newest kinds of checkpoints first."""
+    found = {}
+    out = Path(out_dir)
+    pth_files = sorted(out.glob("*.pth")) if out.is_dir() else []
+    for path in pth_files:
+        match = WEIGHTS_NAME.match(path.name)
+        if match:
+            found[path.stem] = {"kind": "pth", "path": str(path), "mode": MODE_OF_STAGE[match["stage"]]}
+    for path in sorted((out / "lora").glob("*.pth")) if (out / "lora").is_dir() else []:
+        match = LORA_NAME.match(path.name)
+        base = out / f"full_sft_{match['hidden']}.pth" if match else None
+        if base is not None and base.is_file():
+            found[f"{base.stem} + {match['name']}"] = {"kind": "pth", "path": str(base), "mode": 1,
+                                                        "lora_name": match["name"]}
+    folders = [p for p in sorted(out.iterdir()) if p.is_dir()] if out.is_dir() else []
+    for folder in folders + [Path(p) for p in hf_paths]:
+        if (folder / "config.json").is_file() and any((folder / f).is_file() for f in HF_WEIGHT_FILES):
+            found[f"{folder.name} (transformers)"] = {"kind": "hf", "path": str(folder), "mode": 1}
+    return found
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def load_cached(kind: str, path: str, mode: int, lora_name: str | None, device: str, tokenizer_path: str | None):
+    """Loaded once per model and shared by every browser session."""
+    if kind == "hf":
+        args = model_args(load=1, hf_path=path, device=device, tokenizer_path=tokenizer_path)
+    else:
+        sizes = sizes_of_checkpoint(path)  # the size flags are read off the file itself
+        args = model_args(load=0, out_dir=str(Path(path).parent), model_mode=mode, lora_name=lora_name,
+                          device=device, tokenizer_path=tokenizer_path, **sizes)
+    return load_model(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The page
+# ----------------------------------------------------------------------------------------------
+
+def sidebar(models: dict, args) -> dict:
+    with st.sidebar:
+        st.title("MiniMind")
+        label = st.selectbox("Model", list(models), key="model")
+        settings = {
+            "label": label,
+            "temperature": st.slider("Temperature (0 = greedy)", 0.0, 1.5, 0.85, 0.05, key="temperature"),
+            "top_p": st.slider("Top-p", 0.0, 1.0, 0.85, 0.05, key="top_p"),
+            "max_new_tokens": st.slider("Max new tokens", 16, max(4096, args.max_new_tokens), args.max_new_tokens,
+                                        16, key="max_new_tokens"),
+            "history_cnt": st.slider("History turns kept", 0, 10, 2, key="history_cnt"),
+        }
+        if st.button("Clear chat", key="clear", width="stretch"):
+            st.session_state.messages = []
+    return settings
+
+
+def show_message(message: dict) -> None:
+    with st.chat_message(message["role"]):
+        if message.get("reasoning"):
+            with st.expander("Reasoning", expanded=False):
+                st.markdown(message["reasoning"])
+        st.markdown(message["content"])
+
+
+def stream_reply(model, tokenizer, messages: list[dict], settings: dict, raw: bool) -> dict:
+    """Generate the assistant's reply into the page as it comes; returns the finished message."""
+    prompt_ids = build_prompt_ids(tokenizer, trim_history(messages, settings["history_cnt"]), raw=raw)
+    generation = Generation(model, tokenizer, prompt_ids, max_new_tokens=settings["max_new_tokens"],
+                            temperature=settings["temperature"], top_p=settings["top_p"],
+                            seed=random.randint(0, 2**31 - 1))
+    reasoning_area, answer_area = st.empty(), st.empty()
+    reasoning_text = None
+    parts = {"reasoning": "", "content": ""}
+    splitter = ReasoningSplitter()
+
+    def show(pieces, cursor):
+        nonlocal reasoning_text
+        for kind, text in pieces:
+            parts[kind] += text
+            if kind == "reasoning":
+                if reasoning_text is None:  # the first reasoning text: open the block
+                    reasoning_text = reasoning_area.expander("Reasoning", expanded=True).empty()
+                reasoning_text.markdown(parts["reasoning"] + cursor)
+            else:
+                answer_area.markdown(parts["content"] + cursor)
+
+    for delta in generation:
+        show(splitter.feed(delta), cursor=" ▌")
+    show(splitter.flush(), cursor="")
+    answer_area.markdown(parts["content"])
+    if reasoning_text is not None:
+        reasoning_text.markdown(parts["reasoning"])
+    return {"role": "assistant", "content": parts["content"], "reasoning": parts["reasoning"]}
+
+
+def main():
+    args = parse_args()
+    st.set_page_config(page_title="MiniMind", page_icon="🤖")
+    models = find_models(args.out_dir, args.hf_path)
+    if not models:
+        st.error(f"No model found in {args.out_dir}. Train one (python trainer/train_full_sft.py), or start the "
+                 f"demo with: streamlit run scripts/web_demo.py -- --out_dir DIR")
+        st.stop()
+    settings = sidebar(models, args)
+    choice = models[settings["label"]]
+    try:
+        model, tokenizer = load_cached(choice["kind"], choice["path"], choice["mode"], choice.get("lora_name"),
+                                       args.device, args.tokenizer_path)
+    except ModelLoadError as e:
+        st.error(str(e))
+        st.stop()
+    st.caption(f"{settings['label']} · {count_parameters(model) / 1e6:.1f} M parameters · {args.device}")
+
+    st.session_state.setdefault("messages", [])
+    for message in st.session_state.messages:
+        show_message(message)
+
+    prompt = st.chat_input("Ask MiniMind something")
+    if prompt:
+        user_message = {"role": "user", "content": prompt}
+        show_message(user_message)
+        st.session_state.messages.append(user_message)
+        history = [{"role": m["role"], "content": m["content"]} for m in st.session_state.messages]
+        with st.chat_message("assistant"):
+            reply = stream_reply(model, tokenizer, history, settings, raw=choice["mode"] == 0)
+        st.session_state.messages.append(reply)
+
+
+if __name__ == "__main__":  # `streamlit run` (and AppTest) run the file as __main__
+    main()

@@ -1,0 +1,161 @@
+"""scripts/web_demo.py: the checkpoint list, a chat turn driven by Streamlit's AppTest, and a
+real headless Chromium typing into the running app (Debian's `chromium` package, driven by
+Playwright; the test is skipped, saying so, only where /usr/bin/chromium is absent)."""
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from model.checkpoint import config_from_sizes, save_weights
+from model.inference import build_prompt_ids, generate_text, load_model, model_args, split_reasoning
+from model.model_lora import apply_lora, save_lora
+from model.model_minimind import MiniMindForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WEB_DEMO = REPO_ROOT / "scripts" / "web_demo.py"
+CHROMIUM = "/usr/bin/chromium"
+MAX_NEW_TOKENS = 48
+
+
+def tiny_model(seed: int = 0) -> MiniMindForCausalLM:
+    """Random weights with a wide spread, so greedy replies are not one repeated token."""
+    torch.manual_seed(seed)
+    model = MiniMindForCausalLM(config_from_sizes(64, 2, False))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("out")
+    model = tiny_model()
+    save_weights(model, str(folder / "full_sft_64.pth"))
+    return folder
+
+
+def expected_reply(out_dir, question: str) -> str:
+    model, tokenizer = load_model(model_args(out_dir=str(out_dir), hidden_size=64, num_hidden_layers=2, device="cpu"))
+    prompt = build_prompt_ids(tokenizer, [{"role": "user", "content": question}])
+    return split_reasoning(generate_text(model, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS))[1]
+
+
+def demo_args(out_dir) -> list[str]:
+    return ["--out_dir", str(out_dir), "--device", "cpu", "--max_new_tokens", str(MAX_NEW_TOKENS)]
+
+
+def test_checkpoints_found_in_the_out_folder(tmp_path):
+    from scripts.web_demo import find_models
+
+    model = tiny_model()
+    save_weights(model, str(tmp_path / "full_sft_64.pth"))
+    save_weights(model, str(tmp_path / "pretrain_64_moe.pth"))
+    (tmp_path / "notes.pth").write_bytes(b"")  # not a MiniMind name: ignored
+    apply_lora(model, rank=2)
+    save_lora(model, str(tmp_path / "lora" / "lora_medical_64.pth"))
+    model.save_pretrained(tmp_path / "MiniMind2-hf")
+    found = find_models(str(tmp_path), [])
+    assert found == {
+        "full_sft_64": {"kind": "pth", "path": str(tmp_path / "full_sft_64.pth"), "mode": 1},
+        "pretrain_64_moe": {"kind": "pth", "path": str(tmp_path / "pretrain_64_moe.pth"), "mode": 0},
+        "full_sft_64 + lora_medical": {"kind": "pth", "path": str(tmp_path / "full_sft_64.pth"), "mode": 1,
+                                       "lora_name": "lora_medical"},
+        "MiniMind2-hf (transformers)": {"kind": "hf", "path": str(tmp_path / "MiniMind2-hf"), "mode": 1},
+    }
+
+
+def test_app_chat_turn_and_clear(out_dir, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setattr(sys, "argv", [str(WEB_DEMO), *demo_args(out_dir)])  # as after `streamlit run ... --`
+    app = AppTest.from_file(str(WEB_DEMO), default_timeout=120)
+    app.run()
+    assert not app.exception and not app.error
+    assert app.selectbox(key="model").options == ["full_sft_64"]
+    app.slider(key="temperature").set_value(0.0)
+    question = "你好，请介绍一下你自己。"
+    app.chat_input[0].set_value(question).run()
+    assert not app.exception
+    user, assistant = app.chat_message
+    assert (user.name, user.markdown[0].value) == ("user", question)
+    reply = expected_reply(out_dir, question)
+    assert assistant.name == "assistant" and assistant.markdown[0].value == reply and reply
+    app.button(key="clear").click().run()
+    assert len(app.chat_message) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Records every distinct text the assistant's message shows, to see the reply arrive in pieces.
+WATCH_ASSISTANT = """() => {
+  window.seenTexts = [];
+  new MutationObserver(() => {
+    const messages = document.querySelectorAll('[data-testid="stChatMessageContent"]');
+    if (messages.length < 2) return;
+    const text = messages[messages.length - 1].innerText.trim();
+    if (text && window.seenTexts[window.seenTexts.length - 1] !== text) window.seenTexts.push(text);
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+REPLY_DONE = """() => {
+  const messages = document.querySelectorAll('[data-testid="stChatMessageContent"]');
+  return messages.length >= 2 && messages[1].innerText.trim().length > 0 && !messages[1].innerText.includes('▌');
+}"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
+def test_browser_types_a_question_and_sees_the_streamed_answer(out_dir, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    log_path = tmp_path / "streamlit.log"
+    with open(log_path, "w") as log:
+        app = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(WEB_DEMO), "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+             "--", *demo_args(out_dir), "--max_new_tokens", "256"],
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert app.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            try:
+                if httpx.get(url + "/_stcore/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.goto(url)
+            box = page.get_by_test_id("stChatInputTextArea")
+            box.wait_for(timeout=90_000)
+            page.evaluate(WATCH_ASSISTANT)
+            box.fill("Why is the sky blue?")
+            box.press("Enter")
+            page.wait_for_function(REPLY_DONE, timeout=90_000)
+            answer = page.get_by_test_id("stChatMessageContent").nth(1).inner_text().strip()
+            seen = page.evaluate("window.seenTexts")
+            page.screenshot(path=str(tmp_path / "web_demo.png"))
+            browser.close()
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+    assert answer
+    assert len(seen) >= 3 and seen[-1] == answer, seen  # the answer grew in place: it was streamed
+    assert (tmp_path / "web_demo.png").stat().st_size > 10_000
