@@ -198,11 +198,11 @@ class ModelWorker:
                            code="context_length_exceeded")
         return ids
 
-    async def stream(self, request_id: str, prompt_ids: list[int], req: ChatRequest):
-        """Yield text deltas as the worker produces them, then the finished Generation."""
+    async def stream(self, request_id: str, prompt_ids: list[int], req: ChatRequest, cancel: threading.Event):
+        """Yield text deltas as the worker produces them, then the finished Generation.
+        Setting `cancel` (or leaving the loop early) stops the generation before its next token."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
 
         def put(item):
             try:
@@ -273,7 +273,9 @@ async def stream_events(worker: ModelWorker, request_id: str, model_name: str, p
     created = int(time.time())
     yield chunk(request_id, created, model_name, {"role": "assistant", "content": ""}, include_usage=req.include_usage)
     splitter = ReasoningSplitter()
-    async for item in worker.stream(request_id, prompt_ids, req):
+    # a client that hangs up cancels this generator (Starlette watches the connection), which
+    # runs the stream's `finally` and so sets the cancel flag
+    async for item in worker.stream(request_id, prompt_ids, req, threading.Event()):
         if isinstance(item, Generation):
             pieces = splitter.flush()
         else:
@@ -296,10 +298,10 @@ async def complete(worker: ModelWorker, request: Request, request_id: str, model
     splitter = ReasoningSplitter()
     parts = {"reasoning": "", "content": ""}
     generation = None
-    stream = worker.stream(request_id, prompt_ids, req)
-    watcher = asyncio.create_task(cancel_on_disconnect(request, asyncio.current_task()))
+    cancel = threading.Event()
+    watcher = asyncio.create_task(cancel_on_disconnect(request, cancel))
     try:
-        async for item in stream:
+        async for item in worker.stream(request_id, prompt_ids, req, cancel):
             pieces = splitter.flush() if isinstance(item, Generation) else splitter.feed(item)
             for kind, text in pieces:
                 parts[kind] += text
@@ -307,7 +309,6 @@ async def complete(worker: ModelWorker, request: Request, request_id: str, model
                 generation = item
     finally:
         watcher.cancel()
-        await stream.aclose()
     message = {"role": "assistant", "content": parts["content"]}
     if parts["reasoning"]:
         message["reasoning_content"] = parts["reasoning"]
@@ -319,11 +320,13 @@ async def complete(worker: ModelWorker, request: Request, request_id: str, model
     })
 
 
-async def cancel_on_disconnect(request: Request, task: asyncio.Task) -> None:
-    """Cancel `task` (a non-streamed request) once its client has disconnected."""
-    while not await request.is_disconnected():
+async def cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set `cancel` once the client of a non-streamed request has disconnected."""
+    while not cancel.is_set():
+        if await request.is_disconnected():
+            cancel.set()
+            return
         await asyncio.sleep(0.2)
-    task.cancel()
 
 
 # ----------------------------------------------------------------------------------------------

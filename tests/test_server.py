@@ -235,11 +235,20 @@ def test_a_client_that_disconnects_stops_its_generation(server, client):
                       headers={"Authorization": f"Bearer {API_KEY}"}) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")  # generation has started; now hang up
-    deadline = time.monotonic() + 20
-    while "client disconnected, generation stopped" not in log_path.read_text():
+    wait_for_log_count(log_path, "client disconnected, generation stopped", 1)
+    # a non-streamed request whose client gives up waiting
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server[0] + "/chat/completions", json={**body, "stream": False}, timeout=0.5,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    wait_for_log_count(log_path, "client disconnected, generation stopped", 2)
+    assert ask(client, "and now?", max_tokens=2).usage.completion_tokens == 2
+
+
+def wait_for_log_count(log_path: Path, line: str, count: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while log_path.read_text().count(line) < count:
         assert time.monotonic() < deadline, log_path.read_text()[-2000:]
         time.sleep(0.1)
-    assert ask(client, "and now?", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_terminal_chat_client_keeps_the_history(server, client):
