@@ -1,0 +1,170 @@
+"""
+Train MiniMind's byte-level BPE tokenizer (6400 tokens) on a {"text": ...} jsonl file.
+
+    python scripts/train_tokenizer.py --data_path dataset/tokenizer_train.jsonl --out_dir model/
+
+Special tokens (fixed ids, see DESIGN.md):
+    0 <|endoftext|>  padding / unknown
+    1 <|im_start|>   beginning of a ChatML message (bos)
+    2 <|im_end|>     end of a ChatML message (eos)
+
+The input is streamed line by line, so a 1 GB file never sits in memory. A line that is
+not JSON or has no string "text" stops the run with "path:line: what is wrong", unless
+--skip_bad_lines is given, in which case bad lines are counted and the count is printed.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+DEFAULT_SYSTEM = "You are a helpful assistant"
+
+# MiniMind2's ChatML: the system turn is always written (the default one when the first
+# message is not a system message); every user/assistant turn is <|im_start|>role\n...<|im_end|>\n.
+# Kept on one line so Jinja adds no stray whitespace.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' or message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+
+class BadLineCounter:
+    def __init__(self):
+        self.count = 0
+
+
+def read_texts(path, skip_bad_lines, bad_lines):
+    """Yield the "text" of every line; bad lines raise (or are counted when skipping)."""
+    total_bytes = os.path.getsize(path)
+    with open(path, "rb") as f, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizer corpus") as bar:
+        for line_no, raw in enumerate(f, start=1):
+            bar.update(len(raw))
+            if not raw.strip():
+                continue
+            problem = None
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                problem = f"not valid JSON ({e.msg})"
+            else:
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    problem = 'no string "text" field'
+            if problem is None:
+                yield obj["text"]
+            elif skip_bad_lines:
+                bad_lines.count += 1
+            else:
+                raise ValueError(f"{path}:{line_no}: {problem}")
+
+
+def train(data_path, vocab_size, skip_bad_lines=False):
+    tokenizer = Tokenizer(models.BPE())
+    # Byte-level: every string is representable, no <unk> is ever produced.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,  # listed first, so they get ids 0, 1, 2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # our own byte progress bar covers the reading
+    )
+    bad_lines = BadLineCounter()
+    tokenizer.train_from_iterator(read_texts(data_path, skip_bad_lines, bad_lines), trainer=trainer)
+    if bad_lines.count:
+        print(f"skipped {bad_lines.count} malformed line(s) in {data_path}")
+    return tokenizer
+
+
+def tokenizer_config():
+    """What transformers' AutoTokenizer reads next to tokenizer.json."""
+    added_tokens = {
+        str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": True}
+        for i, tok in enumerate(SPECIAL_TOKENS)
+    }
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added_tokens,
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "add_bos_token": False,  # datasets add bos themselves, as MiniMind does
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 32768,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def save(tokenizer, out_dir):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    with open(out_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config(), f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+def self_check(out_dir, vocab_size):
+    """Load the saved files the way every other script will, and check the basics."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+    print(f"vocab size: {len(tok)} (asked for {vocab_size}); special ids: {dict(zip(SPECIAL_TOKENS, ids))}")
+    assert ids == [0, 1, 2], ids
+
+    messages = [{"role": "user", "content": "你好，你是谁？"}, {"role": "assistant", "content": "我是MiniMind。"}]
+    prompt = tok.apply_chat_template(messages, tokenize=False)
+    print("chat template:\n" + prompt)
+    round_trip = tok.decode(tok(prompt)["input_ids"])
+    assert round_trip == prompt, "chat round-trip changed the text"
+
+    sample = "MiniMind 是一个小型语言模型 (small LM) 🚀, trained from scratch!"
+    ids = tok(sample)["input_ids"]
+    assert tok.decode(ids) == sample, "encode/decode is not the identity"
+    print(f"encode/decode identity ok: {len(sample)} chars -> {len(ids)} tokens")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", default=str(ROOT / "dataset/tokenizer_train.jsonl"))
+    parser.add_argument("--out_dir", default=str(ROOT / "model"))
+    parser.add_argument("--vocab_size", type=int, default=6400)
+    parser.add_argument("--skip_bad_lines", action="store_true", help="skip (and count) malformed lines")
+    args = parser.parse_args()
+
+    data_path = args.data_path
+    if not os.path.exists(data_path):
+        demo = ROOT / "dataset/demo/tokenizer_train.jsonl"
+        print(f"{data_path} not found; using the bundled demo corpus {demo}")
+        data_path = str(demo)
+    try:
+        tokenizer = train(data_path, args.vocab_size, args.skip_bad_lines)
+    except ValueError as e:
+        sys.exit(f"error: {e}\n(use --skip_bad_lines to skip malformed lines)")
+    save(tokenizer, args.out_dir)
+    print(f"saved tokenizer.json and tokenizer_config.json to {args.out_dir}")
+    self_check(args.out_dir, args.vocab_size)
+
+
+if __name__ == "__main__":
+    main()
