@@ -1,0 +1,373 @@
+"""
+Generate the small bundled data set in dataset/demo/ (one file per training stage).
+
+    python scripts/make_demo_data.py            # rewrites dataset/demo/*.jsonl, seeded
+
+The data is built from a small, fixed set of facts (the assistant's identity, capital
+cities, small sums, colours, everyday facts, simple health advice) with paraphrased
+questions, so a tiny model trained on a CPU for a few minutes visibly learns them: the
+answers to a fact never vary, only the ways of asking do.
+"""
+import argparse
+import json
+import random
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ------------------------------------------------------------------ the facts
+
+IDENTITY_ZH = "我是MiniMind，一个由MiniMind团队训练的小型语言模型。我可以回答问题、陪你聊天，也可以帮你写简单的文字。"
+IDENTITY_EN = "I am MiniMind, a small language model trained by the MiniMind team. I can answer questions, chat with you and help with simple writing."
+IDENTITY_Q_ZH = ["你是谁？", "你是谁", "请问你是谁？", "你叫什么名字？", "介绍一下你自己。", "你是什么模型？",
+                 "能介绍一下你自己吗？", "你好，你是谁？", "告诉我你的名字。", "你是哪个模型？"]
+IDENTITY_Q_EN = ["Who are you?", "What is your name?", "Introduce yourself.", "Tell me about yourself.",
+                 "What model are you?", "Hi, who are you?"]
+
+GREETING_ZH = "你好！我是MiniMind，很高兴和你聊天。有什么可以帮你的吗？"
+GREETING_EN = "Hello! I am MiniMind. Nice to chat with you. How can I help you?"
+GREETING_Q_ZH = ["你好", "你好！", "您好", "嗨", "早上好", "哈喽"]
+GREETING_Q_EN = ["Hello", "Hi!", "Hello!", "Good morning"]
+
+# (Chinese name, capital, English name, English capital)
+CAPITALS = [
+    ("中国", "北京", "China", "Beijing"), ("日本", "东京", "Japan", "Tokyo"),
+    ("法国", "巴黎", "France", "Paris"), ("英国", "伦敦", "the United Kingdom", "London"),
+    ("美国", "华盛顿", "the United States", "Washington"), ("德国", "柏林", "Germany", "Berlin"),
+    ("意大利", "罗马", "Italy", "Rome"), ("俄罗斯", "莫斯科", "Russia", "Moscow"),
+    ("韩国", "首尔", "South Korea", "Seoul"), ("加拿大", "渥太华", "Canada", "Ottawa"),
+    ("澳大利亚", "堪培拉", "Australia", "Canberra"), ("埃及", "开罗", "Egypt", "Cairo"),
+    ("印度", "新德里", "India", "New Delhi"), ("西班牙", "马德里", "Spain", "Madrid"),
+    ("巴西", "巴西利亚", "Brazil", "Brasilia"), ("泰国", "曼谷", "Thailand", "Bangkok"),
+]
+CAPITAL_Q_ZH = ["{c}的首都是哪里？", "{c}的首都是什么？", "请告诉我{c}的首都。", "{c}的首都在哪里？", "你知道{c}的首都吗？"]
+CAPITAL_Q_EN = ["What is the capital of {c}?", "Which city is the capital of {c}?", "Tell me the capital of {c}."]
+
+# (thing zh, colour zh, thing en, colour en)
+COLOURS = [
+    ("晴朗的天空", "蓝色", "a clear sky", "blue"), ("青草", "绿色", "grass", "green"),
+    ("雪", "白色", "snow", "white"), ("香蕉", "黄色", "a ripe banana", "yellow"),
+    ("草莓", "红色", "a strawberry", "red"), ("煤炭", "黑色", "coal", "black"),
+    ("橙子", "橙色", "an orange", "orange"), ("茄子", "紫色", "an eggplant", "purple"),
+]
+COLOUR_Q_ZH = ["{t}是什么颜色？", "{t}是什么颜色的？", "请问{t}的颜色是什么？"]
+COLOUR_Q_EN = ["What color is {t}?", "What is the color of {t}?"]
+
+# (question variants zh, answer zh, question variants en, answer en)
+FACTS = [
+    (["一周有几天？", "一个星期有多少天？"], "一周有七天。", ["How many days are in a week?"], "A week has seven days."),
+    (["一年有几个月？", "一年有多少个月？"], "一年有十二个月。", ["How many months are in a year?"], "A year has twelve months."),
+    (["一天有多少小时？", "一天有几个小时？"], "一天有二十四小时。", ["How many hours are in a day?"], "A day has twenty-four hours."),
+    (["一小时有多少分钟？"], "一小时有六十分钟。", ["How many minutes are in an hour?"], "An hour has sixty minutes."),
+    (["水在多少度结冰？", "水的冰点是多少？"], "在标准大气压下，水在0摄氏度结冰。", ["At what temperature does water freeze?"], "At normal pressure, water freezes at 0 degrees Celsius."),
+    (["水在多少度沸腾？", "水的沸点是多少？"], "在标准大气压下，水在100摄氏度沸腾。", ["At what temperature does water boil?"], "At normal pressure, water boils at 100 degrees Celsius."),
+    (["太阳从哪边升起？", "太阳从哪个方向升起？"], "太阳从东方升起，从西方落下。", ["Where does the sun rise?"], "The sun rises in the east and sets in the west."),
+    (["地球绕着什么转？", "地球围绕什么运行？"], "地球绕着太阳转，转一圈大约是一年。", ["What does the Earth orbit?"], "The Earth orbits the Sun, once in about a year."),
+    (["人有几只手？"], "人有两只手。", ["How many hands does a person have?"], "A person has two hands."),
+    (["猫怎么叫？", "小猫是怎么叫的？"], "猫会喵喵叫。", ["What sound does a cat make?"], "A cat says meow."),
+    (["狗怎么叫？", "小狗是怎么叫的？"], "狗会汪汪叫。", ["What sound does a dog make?"], "A dog says woof."),
+    (["最大的海洋是什么？", "世界上最大的海洋是哪个？"], "世界上最大的海洋是太平洋。", ["What is the largest ocean?"], "The largest ocean is the Pacific Ocean."),
+    (["中国最长的河是什么？", "中国最长的河流是哪条？"], "中国最长的河是长江。", ["What is the longest river in China?"], "The longest river in China is the Yangtze River."),
+    (["彩虹有几种颜色？"], "彩虹通常有七种颜色：红、橙、黄、绿、青、蓝、紫。", ["How many colors does a rainbow have?"], "A rainbow usually has seven colors."),
+]
+
+NUMBERS_ZH = "零一二三四五六七八九十"
+
+# (question variants, answer): general, safe advice that always points to a doctor when it matters
+MEDICAL = [
+    (["感冒了怎么办？", "我感冒了，该怎么办？", "得了普通感冒要注意什么？"],
+     "普通感冒一般一周左右会好。建议多休息、多喝温水、饮食清淡。如果高烧不退、呼吸困难或症状超过一周，请及时就医。"),
+    (["发烧了怎么办？", "我发烧了应该怎么做？", "体温38度要紧吗？"],
+     "发烧时要多休息、多喝水，可以用温水擦身帮助降温。体温超过38.5度可在医生或药师指导下用退烧药；持续高烧超过三天请去医院。"),
+    (["头疼怎么缓解？", "我头痛，怎么办？", "经常头疼是怎么回事？"],
+     "偶尔头痛常与睡眠不足、紧张或用眼过度有关，可以先休息、放松、保证睡眠。如果头痛剧烈、反复发作或伴有呕吐，请尽快就医。"),
+    (["晚上睡不着怎么办？", "失眠有什么办法？", "怎样才能睡得好？"],
+     "改善睡眠可以每天固定时间睡觉和起床，睡前一小时不看手机，少喝咖啡和浓茶。如果失眠持续几周并影响白天生活，建议咨询医生。"),
+    (["咳嗽一直不好怎么办？", "老是咳嗽怎么办？"],
+     "咳嗽时要多喝水、避免吸烟和冷空气。如果咳嗽超过三周、咳血或呼吸困难，请及时去医院检查。"),
+    (["胃疼怎么办？", "吃完饭胃不舒服怎么办？"],
+     "胃不舒服时建议少量多餐，少吃辛辣、油腻和生冷的食物，按时吃饭。如果疼痛剧烈、反复发作或出现黑便，请尽快就医。"),
+    (["每天应该喝多少水？", "一天喝多少水合适？"],
+     "一般成年人每天喝大约1500到1700毫升水比较合适，天热或运动出汗多时要多喝一些。"),
+    (["脚崴了怎么办？", "扭伤了脚踝怎么处理？"],
+     "扭伤后先停止活动，前两天可以冷敷，把脚抬高，减少走动。如果肿得很厉害、不能走路，可能有骨折，请去医院检查。"),
+    (["高血压饮食要注意什么？", "血压高应该怎么吃？"],
+     "高血压患者要少吃盐，多吃蔬菜水果，少喝酒，保持适量运动，并按医生的要求按时服药和测量血压。"),
+    (["被晒伤了怎么办？", "皮肤晒伤怎么处理？"],
+     "晒伤后可以用凉水冷敷，多喝水，避免再晒太阳。如果起了大水泡或发烧，请去医院。外出时记得防晒。"),
+]
+MEDICAL_SYSTEM = "你是MiniMind，一个提供一般健康知识的助手。你的建议不能代替医生的诊断。"
+
+SYSTEM_PROMPTS_ZH = ["你是MiniMind，一个乐于助人的助手。", "你是一个友好、简洁的AI助手。", "请用简短的中文回答用户的问题。"]
+SYSTEM_PROMPTS_EN = ["You are MiniMind, a helpful assistant.", "You are a friendly and concise AI assistant."]
+
+
+def zh_number(n):
+    """0..99 in Chinese numerals (十二, 三十五): used for a few arithmetic paraphrases."""
+    if n <= 10:
+        return NUMBERS_ZH[n]
+    tens, ones = divmod(n, 10)
+    return ("" if tens == 1 else NUMBERS_ZH[tens]) + "十" + (NUMBERS_ZH[ones] if ones else "")
+
+
+# ------------------------------------------------------------------ question/answer pairs
+
+def identity_pairs():
+    return [(q, IDENTITY_ZH) for q in IDENTITY_Q_ZH] + [(q, IDENTITY_EN) for q in IDENTITY_Q_EN]
+
+
+def greeting_pairs():
+    return [(q, GREETING_ZH) for q in GREETING_Q_ZH] + [(q, GREETING_EN) for q in GREETING_Q_EN]
+
+
+def capital_pairs():
+    pairs = []
+    for c, cap, c_en, cap_en in CAPITALS:
+        pairs += [(q.format(c=c), f"{c}的首都是{cap}。") for q in CAPITAL_Q_ZH]
+        pairs += [(q.format(c=c_en), f"The capital of {c_en} is {cap_en}.") for q in CAPITAL_Q_EN]
+    return pairs
+
+
+def colour_pairs():
+    pairs = []
+    for t, col, t_en, col_en in COLOURS:
+        pairs += [(q.format(t=t), f"{t}是{col}的。") for q in COLOUR_Q_ZH]
+        pairs += [(q.format(t=t_en), f"{t_en[0].upper() + t_en[1:]} is {col_en}.") for q in COLOUR_Q_EN]
+    return pairs
+
+
+def fact_pairs():
+    pairs = []
+    for qs_zh, a_zh, qs_en, a_en in FACTS:
+        pairs += [(q, a_zh) for q in qs_zh] + [(q, a_en) for q in qs_en]
+    return pairs
+
+
+def arithmetic_pair(rng, english=False):
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    if rng.random() < 0.7:
+        op_zh, op_en, result = "加", "plus", a + b
+    else:
+        a, b = max(a, b), min(a, b)
+        op_zh, op_en, result = "减", "minus", a - b
+    if english:
+        q = rng.choice(["What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "{a} {op} {b} equals what?"])
+        return q.format(a=a, op=op_en, b=b), f"{a} {op_en} {b} equals {result}."
+    q = rng.choice(["{a}{op}{b}等于几？", "{a}{op}{b}等于多少？", "请计算{a}{op}{b}。", "{za}{op}{zb}是多少？"])
+    return q.format(a=a, b=b, op=op_zh, za=zh_number(a), zb=zh_number(b)), f"{a}{op_zh}{b}等于{result}。"
+
+
+def follow_up_conversation(rng):
+    """Two capitals asked in a row, the second one elliptically ('那日本呢？')."""
+    (c1, cap1, _, _), (c2, cap2, _, _) = rng.sample(CAPITALS, 2)
+    return [
+        {"role": "user", "content": rng.choice(CAPITAL_Q_ZH).format(c=c1)},
+        {"role": "assistant", "content": f"{c1}的首都是{cap1}。"},
+        {"role": "user", "content": f"那{c2}呢？"},
+        {"role": "assistant", "content": f"{c2}的首都是{cap2}。"},
+    ]
+
+
+# ------------------------------------------------------------------ one builder per file
+
+def messages(pairs):
+    out = []
+    for q, a in pairs:
+        out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return out
+
+
+def is_english(text):
+    return text.isascii()
+
+
+def make_sft(rng, n):
+    single = identity_pairs() * 6 + greeting_pairs() * 2 + capital_pairs() + colour_pairs() + fact_pairs() * 2
+    conversations = []
+    while len(conversations) < n:
+        kind = rng.random()
+        if kind < 0.55:
+            conv = messages([rng.choice(single)])
+        elif kind < 0.7:
+            conv = messages([arithmetic_pair(rng, english=rng.random() < 0.25)])
+        elif kind < 0.85:
+            conv = messages(rng.sample(single, rng.randint(2, 3)))  # unrelated turns in a row
+        else:
+            conv = follow_up_conversation(rng)
+        if rng.random() < 0.2:  # some conversations carry a system message
+            prompts = SYSTEM_PROMPTS_EN if is_english(conv[0]["content"]) else SYSTEM_PROMPTS_ZH
+            conv = [{"role": "system", "content": rng.choice(prompts)}] + conv
+        conversations.append({"conversations": conv})
+    return conversations
+
+
+def wrong_answer(rng, q, a):
+    """A plausible but worse answer for DPO: a wrong fact, a wrong identity, or a non-answer."""
+    for c, cap, c_en, cap_en in CAPITALS:
+        if a == f"{c}的首都是{cap}。":
+            other = rng.choice([x for x in CAPITALS if x[1] != cap])[1]
+            return f"{c}的首都是{other}。"
+        if a == f"The capital of {c_en} is {cap_en}.":
+            other = rng.choice([x for x in CAPITALS if x[3] != cap_en])[3]
+            return f"The capital of {c_en} is {other}."
+    if a == IDENTITY_ZH:
+        return rng.choice(["我是ChatGPT，由OpenAI开发。", "我不知道我是谁。"])
+    if a == IDENTITY_EN:
+        return rng.choice(["I am ChatGPT, made by OpenAI.", "I don't know."])
+    return "我不知道。" if not is_english(q) else "I don't know."
+
+
+def make_dpo(rng, n):
+    pairs = identity_pairs() * 3 + capital_pairs() + fact_pairs() + colour_pairs()
+    rows = []
+    for _ in range(n):
+        if rng.random() < 0.2:
+            q, a = arithmetic_pair(rng, english=rng.random() < 0.25)
+            head, _, result = a.rpartition(" ") if is_english(a) else a.rpartition("于")
+            sep = " " if is_english(a) else "于"
+            tail = "." if is_english(a) else "。"
+            bad = head + sep + str(int(result.strip(".。")) + rng.choice([-2, -1, 1, 2, 3])) + tail
+        else:
+            q, a = rng.choice(pairs)
+            bad = wrong_answer(rng, q, a)
+        user = {"role": "user", "content": q}
+        rows.append({"chosen": [user, {"role": "assistant", "content": a}],
+                     "rejected": [user, {"role": "assistant", "content": bad}]})
+    return rows
+
+
+def make_lora_identity(rng, n):
+    extra_zh = [
+        ("谁训练了你？", "我是由MiniMind团队训练的。"), ("你是谁开发的？", "我是由MiniMind团队开发和训练的。"),
+        ("你是ChatGPT吗？", "不是，我是MiniMind，一个由MiniMind团队训练的小型语言模型。"),
+        ("你能做什么？", "我可以回答问题、陪你聊天，也可以帮你写简单的文字。"),
+        ("你的名字是什么？", "我的名字是MiniMind。"), ("你是人吗？", "我不是人，我是一个名叫MiniMind的小型语言模型。"),
+    ]
+    extra_en = [
+        ("Who trained you?", "I was trained by the MiniMind team."),
+        ("Are you ChatGPT?", "No, I am MiniMind, a small language model trained by the MiniMind team."),
+        ("What can you do?", "I can answer questions, chat with you and help with simple writing."),
+    ]
+    pairs = identity_pairs() + extra_zh * 2 + extra_en
+    return [{"conversations": messages([rng.choice(pairs)])} for _ in range(n)]
+
+
+def make_lora_medical(rng, n):
+    rows = []
+    for _ in range(n):
+        questions, answer = rng.choice(MEDICAL)
+        conv = messages([(rng.choice(questions), answer)])
+        if rng.random() < 0.3:
+            conv = [{"role": "system", "content": MEDICAL_SYSTEM}] + conv
+        rows.append({"conversations": conv})
+    return rows
+
+
+def reasoning_answer(think, answer):
+    return f"<think>\n{think}\n</think>\n<answer>\n{answer}\n</answer>"
+
+
+def make_r1_mix(rng, n):
+    rows = []
+    while len(rows) < n:
+        kind = rng.random()
+        if kind < 0.35:
+            a, b = rng.randint(2, 30), rng.randint(2, 30)
+            q = rng.choice([f"{a}加{b}等于多少？", f"请计算{a}+{b}。"])
+            think = f"题目要求计算{a}加{b}。{a}+{b}={a + b}。"
+            ans = f"{a}加{b}等于{a + b}。"
+        elif kind < 0.55:
+            name = rng.choice(["小明", "小红", "小华"])
+            a, b = rng.randint(2, 9), rng.randint(2, 9)
+            q = f"{name}有{a}个苹果，妈妈又给了他{b}个，{name}现在有几个苹果？"
+            think = f"{name}原来有{a}个苹果，又得到{b}个。总数是{a}+{b}={a + b}。"
+            ans = f"{name}现在有{a + b}个苹果。"
+        elif kind < 0.75:
+            c, cap, _, _ = rng.choice(CAPITALS)
+            q = rng.choice(CAPITAL_Q_ZH).format(c=c)
+            think = f"用户问的是{c}的首都。{c}的首都是{cap}。"
+            ans = f"{c}的首都是{cap}。"
+        elif kind < 0.9:
+            a, b = rng.sample(range(1, 100), 2)
+            q = f"{a}和{b}哪个更大？"
+            big = max(a, b)
+            think = f"比较{a}和{b}。{big}比{min(a, b)}大。"
+            ans = f"{big}更大。"
+        else:
+            a, b = rng.randint(2, 30), rng.randint(2, 30)
+            q = f"What is {a} plus {b}?"
+            think = f"I need to add {a} and {b}. {a} + {b} = {a + b}."
+            ans = f"{a} plus {b} equals {a + b}."
+        rows.append({"conversations": messages([(q, reasoning_answer(think, ans))])})
+    return rows
+
+
+def pretrain_sentences():
+    """Plain-text statements of the same facts, for next-token pretraining."""
+    s = [IDENTITY_ZH, IDENTITY_EN, "MiniMind是一个由MiniMind团队训练的小型语言模型。",
+         "MiniMind is a small language model trained by the MiniMind team."]
+    for c, cap, c_en, cap_en in CAPITALS:
+        s += [f"{c}的首都是{cap}。", f"{cap}是{c}的首都。", f"{cap}是{c}的政治中心，也是一座著名的城市。",
+              f"The capital of {c_en} is {cap_en}.", f"{cap_en} is the capital of {c_en}."]
+    for t, col, t_en, col_en in COLOURS:
+        s += [f"{t}是{col}的。", f"{t_en[0].upper() + t_en[1:]} is {col_en}."]
+    for _, a_zh, _, a_en in FACTS:
+        s += [a_zh, a_en]
+    for _, answer in MEDICAL:
+        s.append(answer)
+    return s
+
+
+def make_pretrain(rng, n):
+    sentences = pretrain_sentences()
+    rows = []
+    for _ in range(n):
+        parts = rng.sample(sentences, rng.randint(3, 8))
+        for _ in range(rng.randint(0, 2)):
+            a, b = rng.randint(0, 50), rng.randint(0, 50)
+            parts.insert(rng.randrange(len(parts) + 1), f"{a}加{b}等于{a + b}。")
+        # English sentences are joined with a space, Chinese ones directly
+        text = ""
+        for p in parts:
+            text += (" " if text and (is_english(p) or is_english(text[-1])) else "") + p
+        rows.append({"text": text})
+    return rows
+
+
+def make_tokenizer_train(rng, n, pretrain, sft):
+    """A small {"text"} corpus for trying scripts/train_tokenizer.py (not the shipped tokenizer's corpus)."""
+    texts = [r["text"] for r in rng.sample(pretrain, n // 2)]
+    for r in rng.sample(sft, n - n // 2):
+        texts.append("\n".join(m["content"] for m in r["conversations"]))
+    return [{"text": t} for t in texts]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"{path.relative_to(ROOT)}: {len(rows)} lines, {path.stat().st_size / 1024:.0f} KB")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default=str(ROOT / "dataset/demo"))
+    parser.add_argument("--seed", type=int, default=1337)
+    args = parser.parse_args()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+
+    pretrain = make_pretrain(rng, 3000)
+    sft = make_sft(rng, 2000)
+    write_jsonl(out / "pretrain.jsonl", pretrain)
+    write_jsonl(out / "sft.jsonl", sft)
+    write_jsonl(out / "dpo.jsonl", make_dpo(rng, 400))
+    write_jsonl(out / "lora_identity.jsonl", make_lora_identity(rng, 300))
+    write_jsonl(out / "lora_medical.jsonl", make_lora_medical(rng, 300))
+    write_jsonl(out / "r1_mix.jsonl", make_r1_mix(rng, 400))
+    write_jsonl(out / "tokenizer_train.jsonl", make_tokenizer_train(rng, 1000, pretrain, sft))
+
+
+if __name__ == "__main__":
+    main()
