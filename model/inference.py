@@ -301,15 +301,16 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 
 
 @torch.inference_mode()
-def generate_token_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                       top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                       eos_token_id: int | None = EOS_TOKEN_ID, cancel: threading.Event | None = None):
-    """Yield new token ids one at a time (the eos token included, then stop).
+def generate_ids(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None, eos_token_id: int | None = EOS_TOKEN_ID,
+                 cancel: threading.Event | None = None):
+    """Yield new token ids one at a time (the eos token included, then stop; eos_token_id=None
+    never stops early). prompt_ids: a list of ids or a tensor of shape (T,) or (1, T).
 
     Step 0 runs the whole prompt and fills the KV cache; every later step feeds only the
     newest token. logits_to_keep=1 computes the vocabulary projection for the last position only."""
     device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    input_ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
     cache = DynamicCache()
     generator = make_generator(seed, device)
     seen = None
@@ -433,7 +434,7 @@ class Generation:
         decoder = IncrementalDecoder(self.tokenizer)
         stop_filter = StopStringFilter(self.stop)
         self.finish_reason = "length"
-        for token in generate_token_ids(self.model, self.prompt_ids, self.max_new_tokens, cancel=self.cancel,
+        for token in generate_ids(self.model, self.prompt_ids, self.max_new_tokens, cancel=self.cancel,
                                         **self.sampling):
             self.completion_tokens += 1
             if token == EOS_TOKEN_ID:

@@ -16,7 +16,7 @@ import torch
 
 from model.checkpoint import config_from_sizes, save_weights
 from model.inference import (Generation, IncrementalDecoder, ModelLoadError, ReasoningSplitter, StopStringFilter,
-                             build_prompt_ids, generate_text, generate_token_ids, load_model, load_tokenizer,
+                             build_prompt_ids, generate_text, generate_ids, load_model, load_tokenizer,
                              model_args, split_reasoning, trim_history)
 from model.model_lora import apply_lora, save_lora
 from model.model_minimind import MiniMindForCausalLM
@@ -115,7 +115,7 @@ def test_history_window_keeps_system_and_last_turns():
 def test_greedy_decoding_matches_transformers_generate(loaded, repetition_penalty):
     model, tokenizer = loaded
     prompt = chat_ids(tokenizer, "为什么天空是蓝色的？")
-    ours = list(generate_token_ids(model, prompt, 24, repetition_penalty=repetition_penalty, eos_token_id=None))
+    ours = list(generate_ids(model, prompt, 24, repetition_penalty=repetition_penalty, eos_token_id=None))
     reference = model.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
                                repetition_penalty=repetition_penalty, pad_token_id=0)
     assert ours == reference[0, len(prompt):].tolist()
