@@ -1,0 +1,328 @@
+"""dataset/lm_dataset.py: exact masks, batching that does not change the loss, bad input."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from dataset.lm_dataset import (DataFormatError, DPODataset, LengthGroupedSampler, PretrainDataset,
+                                SFTDataset, dpo_collate, pack_collate, pad_collate)
+
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
+
+
+def write_jsonl(path, rows):
+    """rows: dicts (dumped as JSON) or raw strings (written as they are)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    return str(path)
+
+
+def encode(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def expected_chat(tok, pieces):
+    """Token ids and per-token mask from (text, trained) pieces written by hand."""
+    ids, mask = [], []
+    for text, trained in pieces:
+        piece = encode(tok, text)
+        ids += piece
+        mask += [int(trained)] * len(piece)
+    return ids, mask
+
+
+def user(c):
+    return {"role": "user", "content": c}
+
+
+def assistant(c):
+    return {"role": "assistant", "content": c}
+
+
+# ---------------------------------------------------------------- PretrainDataset
+
+def test_pretrain_item_is_bos_text_eos_shifted(tok, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "你好，世界"}, {"text": "Hello MiniMind"}])
+    ds = PretrainDataset(path, tok, max_length=64, cache_dir=tmp_path)
+    ids = [1] + encode(tok, "Hello MiniMind") + [2]
+    x, y, mask = ds[1]
+    assert x.dtype == y.dtype == mask.dtype == torch.long
+    assert x.tolist() == ids[:-1] and y.tolist() == ids[1:]
+    assert mask.tolist() == [1] * (len(ids) - 1)
+
+
+def test_pretrain_truncation_drops_tail_and_eos(tok, tmp_path):
+    text = "这是一个比较长的句子，会在最大长度处被截断。"
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": text}])
+    x, y, mask = PretrainDataset(path, tok, max_length=5, cache_dir=tmp_path)[0]
+    ids = ([1] + encode(tok, text))[:5]
+    assert x.tolist() == ids[:-1] and y.tolist() == ids[1:] and mask.tolist() == [1, 1, 1, 1]
+    assert 2 not in y.tolist()
+
+
+# ---------------------------------------------------------------- SFTDataset
+
+def test_sft_mask_single_turn_default_system(tok, tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [user("你是谁？"), assistant("我是MiniMind。")]}])
+    x, y, mask = SFTDataset(path, tok, max_length=256, cache_dir=tmp_path)[0]
+    ids, token_mask = expected_chat(tok, [
+        (SYSTEM + "<|im_start|>user\n你是谁？<|im_end|>\n<|im_start|>assistant\n", False),
+        ("我是MiniMind。<|im_end|>", True),
+        ("\n", False),
+    ])
+    assert x.tolist() == ids[:-1] and y.tolist() == ids[1:]
+    assert mask.tolist() == token_mask[1:]
+    # the trained targets decode to exactly the reply and its end marker
+    assert tok.decode(y[mask.bool()].tolist()) == "我是MiniMind。<|im_end|>"
+
+
+def test_sft_mask_multi_turn_with_system(tok, tmp_path):
+    conv = [{"role": "system", "content": "你是一个助手。"}, user("1+1=?"), assistant("等于2。"),
+            user("那2+2呢？"), assistant("等于4。")]
+    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv}])
+    x, y, mask = SFTDataset(path, tok, max_length=256, cache_dir=tmp_path)[0]
+    ids, token_mask = expected_chat(tok, [
+        ("<|im_start|>system\n你是一个助手。<|im_end|>\n<|im_start|>user\n1+1=?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("等于2。<|im_end|>", True),
+        ("\n<|im_start|>user\n那2+2呢？<|im_end|>\n<|im_start|>assistant\n", False),
+        ("等于4。<|im_end|>", True),
+        ("\n", False),
+    ])
+    assert x.tolist() == ids[:-1] and y.tolist() == ids[1:]
+    assert mask.tolist() == token_mask[1:]
+
+
+def test_sft_truncation_never_leaves_a_half_open_mask(tok, tmp_path):
+    conv = [user("1+1=?"), assistant("等于2。"), user("那2+2呢？"), assistant("等于4，这个答案比较长一些。")]
+    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv}])
+    pieces = [
+        (SYSTEM + "<|im_start|>user\n1+1=?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("等于2。<|im_end|>", True),
+        ("\n<|im_start|>user\n那2+2呢？<|im_end|>\n<|im_start|>assistant\n", False),
+        ("等于4，这个答案比较长一些。<|im_end|>", True),
+        ("\n", False),
+    ]
+    ids, token_mask = expected_chat(tok, pieces)
+    _, first_reply_only = expected_chat(tok, pieces[:3] + [(pieces[3][0], False), pieces[4]])
+    end_of_second = len(ids) - 1  # index of the final "\n"
+    # cut inside the second reply: its remaining tokens stay as input but are not trained
+    cut = end_of_second - 3
+    x, y, mask = SFTDataset(path, tok, max_length=cut, cache_dir=tmp_path)[0]
+    assert x.tolist() == ids[:cut - 1] and y.tolist() == ids[1:cut]
+    assert mask.tolist() == first_reply_only[1:cut]
+    assert tok.decode(y[mask.bool()].tolist()) == "等于2。<|im_end|>"
+    # cut right after the second <|im_end|>: both replies are trained
+    x, y, mask = SFTDataset(path, tok, max_length=end_of_second, cache_dir=tmp_path / "b")[0]
+    assert mask.tolist() == token_mask[1:end_of_second]
+    # cut inside the first user turn: nothing is trained at all
+    x, y, mask = SFTDataset(path, tok, max_length=12, cache_dir=tmp_path / "c")[0]
+    assert len(x) == 11 and mask.sum() == 0
+
+
+def test_reasoning_data_uses_sft_dataset(tok, tmp_path):
+    reply = "<think>\n1加1等于2。\n</think>\n<answer>\n2\n</answer>"
+    path = write_jsonl(tmp_path / "r.jsonl", [{"conversations": [user("1+1?"), assistant(reply)]}])
+    x, y, mask = SFTDataset(path, tok, max_length=256, cache_dir=tmp_path)[0]
+    assert tok.decode(y[mask.bool()].tolist()) == reply + "<|im_end|>"
+
+
+# ---------------------------------------------------------------- DPODataset
+
+def test_dpo_item_keys_and_masks(tok, tmp_path):
+    row = {"chosen": [user("法国的首都？"), assistant("巴黎。")], "rejected": [user("法国的首都？"), assistant("柏林。")]}
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    item = DPODataset(path, tok, max_length=256, cache_dir=tmp_path)[0]
+    assert set(item) == {"x_chosen", "y_chosen", "mask_chosen", "x_rejected", "y_rejected", "mask_rejected"}
+    for side, reply in (("chosen", "巴黎。"), ("rejected", "柏林。")):
+        ids, token_mask = expected_chat(tok, [
+            (SYSTEM + "<|im_start|>user\n法国的首都？<|im_end|>\n<|im_start|>assistant\n", False),
+            (reply + "<|im_end|>", True), ("\n", False)])
+        assert item[f"x_{side}"].tolist() == ids[:-1] and item[f"y_{side}"].tolist() == ids[1:]
+        assert item[f"mask_{side}"].tolist() == token_mask[1:]
+
+
+def test_dpo_collate_pads_both_sides_to_one_length(tok, tmp_path):
+    rows = [{"chosen": [user("q"), assistant("a" * n)], "rejected": [user("q"), assistant("好")]} for n in (1, 30)]
+    ds = DPODataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_length=256, cache_dir=tmp_path)
+    items = [ds[0], ds[1]]
+    batch = dpo_collate(items)
+    length = max(len(it[k]) for it in items for k in ("x_chosen", "x_rejected"))
+    for key in ("x_chosen", "y_chosen", "mask_chosen", "x_rejected", "y_rejected", "mask_rejected"):
+        assert batch[key].shape == (2, length)
+    n = len(items[0]["x_rejected"])
+    assert batch["mask_rejected"][0, n:].sum() == 0 and (batch["x_rejected"][0, n:] == 0).all()
+
+
+# ---------------------------------------------------------------- collate: padding and packing
+
+def test_pad_collate_pads_to_longest_with_zero_mask(tok, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "短"}, {"text": "一个长一点的句子，有更多的词。"}])
+    ds = PretrainDataset(path, tok, max_length=512, cache_dir=tmp_path)
+    batch = pad_collate([ds[0], ds[1]])
+    n0, n1 = len(ds[0][0]), len(ds[1][0])
+    assert set(batch) == {"input_ids", "labels", "loss_mask"}
+    assert batch["input_ids"].shape == (2, max(n0, n1))
+    assert batch["loss_mask"][0].tolist() == [1] * n0 + [0] * (n1 - n0)
+    assert (batch["input_ids"][0, n0:] == 0).all() and (batch["labels"][0, n0:] == 0).all()
+
+
+def test_pack_collate_layout(tok, tmp_path):
+    texts = ["一", "二三四五六七八九十", "abc def", "你好"]
+    ds = PretrainDataset(write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in texts]), tok,
+                         max_length=512, cache_dir=tmp_path)
+    items = [ds[i] for i in range(len(ds))]
+    batch = pack_collate(items)
+    rows, length = batch["input_ids"].shape
+    assert length == max(len(x) for x, _, _ in items) and rows < len(items)
+    assert batch["attention_mask"].shape == (rows, 1, length, length) and batch["attention_mask"].dtype == torch.bool
+    assert batch["loss_mask"].sum() == sum(len(x) for x, _, _ in items)  # every real token, no padding
+    # position ids restart at 0 at each document start (each document begins with bos = 1)
+    starts = batch["input_ids"] == 1
+    assert (batch["position_ids"][starts] == 0).all()
+    assert int(starts.sum()) == len(items)
+    # a token never attends to a token of another document or to the future
+    mask = batch["attention_mask"][:, 0]
+    assert not mask.triu(1).any()
+    for r in range(rows):
+        doc = torch.cumsum(starts[r].long(), 0)
+        real = batch["loss_mask"][r].bool()
+        allowed = (doc[:, None] == doc[None, :]) & real[:, None] & real[None, :]
+        assert not (mask[r] & ~allowed & real[:, None]).any()
+
+
+def tiny_model():
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    torch.manual_seed(0)
+    config = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=6400)
+    return MiniMindForCausalLM(config).eval()
+
+
+def summed_loss(model, batch):
+    """Sum of the masked per-token cross entropy of a collated batch."""
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"))
+    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="none")
+    return (ce * batch["loss_mask"].flatten()).sum()
+
+
+def unpadded_loss(model, items):
+    """The reference: every item alone, no padding, no packing."""
+    return sum(summed_loss(model, {"input_ids": x[None], "labels": y[None], "loss_mask": m[None]})
+               for x, y, m in items)
+
+
+def test_padding_and_packing_do_not_change_the_loss(tok, tmp_path):
+    model = tiny_model()
+    texts = ["MiniMind是一个小型语言模型。" * 4, "你好", "The capital of France is Paris.", "一周有七天。一年有十二个月。", "猫会喵喵叫。", "2加3等于5。"]
+    pretrain = PretrainDataset(write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in texts]), tok, max_length=64)
+    sft = SFTDataset(os.path.join(REPO_ROOT, "dataset/demo/sft.jsonl"), tok, max_length=64)
+    with torch.no_grad():
+        items = [pretrain[i] for i in range(6)]
+        assert len({len(x) for x, _, _ in items}) > 1  # lengths really differ
+        reference = unpadded_loss(model, items)
+        torch.testing.assert_close(summed_loss(model, pad_collate(items)), reference, rtol=1e-4, atol=1e-4)
+        packed = pack_collate(items)
+        assert packed["input_ids"].shape[0] < len(items)  # documents really share rows
+        torch.testing.assert_close(summed_loss(model, packed), reference, rtol=1e-4, atol=1e-4)
+
+        items = [sft[i] for i in range(6)]
+        torch.testing.assert_close(summed_loss(model, pad_collate(items)), unpadded_loss(model, items),
+                                   rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- bad input
+
+GOOD_SFT = {"conversations": [user("hi"), assistant("hello")]}
+
+
+@pytest.mark.parametrize("bad,problem", [
+    ('{"conversations": [', "not valid JSON"),
+    ('{"messages": []}', 'missing key "conversations"'),
+    (json.dumps({"conversations": [assistant("a"), user("q")]}), "roles out of order"),
+    (json.dumps({"conversations": [user("q"), user("q2"), assistant("a")]}), "roles out of order"),
+    (json.dumps({"conversations": [user("q"), assistant("  ")]}), "empty assistant turn"),
+    (json.dumps({"conversations": [user("q")]}), "end with an assistant turn"),
+])
+def test_sft_bad_line_is_an_error_naming_file_and_line(tok, tmp_path, bad, problem):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD_SFT, GOOD_SFT, bad, GOOD_SFT])
+    with pytest.raises(DataFormatError, match=rf"bad\.jsonl:3: .*{problem}"):
+        SFTDataset(path, tok, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("cls,good,bad", [
+    (PretrainDataset, {"text": "x"}, '{"content": "x"}'),
+    (DPODataset, {"chosen": [user("q"), assistant("a")], "rejected": [user("q"), assistant("b")]},
+     json.dumps({"chosen": [user("q"), assistant("a")]})),
+])
+def test_pretrain_and_dpo_bad_line_errors(tok, tmp_path, cls, good, bad):
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, bad])
+    with pytest.raises(DataFormatError, match=r"bad\.jsonl:2: "):
+        cls(path, tok, cache_dir=tmp_path)
+
+
+def test_skip_bad_lines_counts_and_reports(tok, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD_SFT, "oops", GOOD_SFT, '{"x": 1}', "", GOOD_SFT])
+    ds = SFTDataset(path, tok, skip_bad_lines=True, cache_dir=tmp_path)
+    assert len(ds) == 3  # the blank line is not data, the two bad lines are skipped
+    assert "skipped 2 malformed line(s) (line 2, 4)" in capsys.readouterr().out
+
+
+def test_big_files_are_validated_lazily_still_naming_the_line(tok, tmp_path):
+    path = write_jsonl(tmp_path / "big.jsonl", [GOOD_SFT, GOOD_SFT, "not json"])
+    ds = SFTDataset(path, tok, cache_dir=tmp_path, validate_max_bytes=0)  # treat as a huge file
+    assert len(ds) == 3 and len(ds[0][0]) > 0
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=pad_collate)
+    with pytest.raises(DataFormatError, match=r"big\.jsonl:3: not valid JSON"):
+        next(iter(loader))
+
+
+# ---------------------------------------------------------------- index cache
+
+def test_index_is_cached_and_rebuilt_when_the_file_changes(tok, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "一"}, {"text": "二"}])
+    cache = tmp_path / "cache"
+    assert not PretrainDataset(path, tok, cache_dir=cache).lines.reused_index
+    again = PretrainDataset(path, tok, cache_dir=cache)
+    assert again.lines.reused_index and len(again) == 2
+    write_jsonl(tmp_path / "p.jsonl", [{"text": "一"}, {"text": "二"}, {"text": "三"}])
+    changed = PretrainDataset(path, tok, cache_dir=cache)
+    assert not changed.lines.reused_index and len(changed) == 3
+    assert list(cache.glob("*.tmp")) == []  # written atomically, no leftovers
+
+
+def test_lines_without_final_newline_and_crlf(tok, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes('{"text": "一"}\r\n\r\n{"text": "二"}'.encode())
+    ds = PretrainDataset(str(path), tok, cache_dir=tmp_path)
+    assert len(ds) == 2
+    assert ds[1][1].tolist() == encode(tok, "二") + [2]
+
+
+# ---------------------------------------------------------------- length-grouped sampler
+
+def test_length_grouped_sampler_shards_and_groups():
+    lengths = list(range(1, 101))
+    shards = [list(LengthGroupedSampler(lengths, batch_size=4, num_replicas=2, rank=r, mega_batches=3))
+              for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 52  # 100 padded up to a multiple of 8
+    assert set(shards[0]) | set(shards[1]) == set(range(100))  # every item, only 4 repeats to fill up
+    # a batch holds similar lengths: within 24 positions (one mega-batch sorts 24 of 100)
+    spreads = [max(b) - min(b) for b in (shards[0][i:i + 4] for i in range(0, 52, 4))]
+    assert sorted(spreads)[len(spreads) // 2] < 24
+    samplers = [LengthGroupedSampler(lengths, batch_size=4, num_replicas=2, rank=r) for r in range(2)]
+    first = list(samplers[0])
+    for s in samplers:
+        s.set_epoch(1)
+    assert list(samplers[0]) != first  # a new order each epoch
+    assert set(samplers[0]) | set(samplers[1]) == set(range(100))
