@@ -228,10 +228,22 @@ def staging_folder(out: str):
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
     try:
         yield staging
+        make_shareable(staging)
         replace_path(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def make_shareable(folder: str) -> None:
+    """Give the folder and its files the usual permissions (umask applied). mkdtemp makes the folder
+    private (0700) and transformers writes model.safetensors through a private temp file (0600),
+    which a server running as another user could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
 def replace_path(new: str, out: str) -> None:

@@ -3,6 +3,7 @@ round trips are exact, the tokenizer travels intact, and bad input fails cleanly
 import glob
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -102,6 +103,11 @@ def test_llama_export_loads_as_plain_llama_with_minimind_settings(exports):
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 0)
     generation = json.load(open(os.path.join(exports["llama"], "generation_config.json")))
     assert (generation["eos_token_id"], generation["pad_token_id"]) == (2, 0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(exports["llama"]).st_mode) == 0o777 & ~umask  # not mkdtemp's private 0700
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert stat.S_IMODE(os.stat(os.path.join(exports["llama"], name)).st_mode) == 0o666 & ~umask
     model = AutoModelForCausalLM.from_pretrained(exports["llama"])  # no trust_remote_code
     assert type(model) is LlamaForCausalLM
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
