@@ -435,7 +435,7 @@ class Generation:
         stop_filter = StopStringFilter(self.stop)
         self.finish_reason = "length"
         for token in generate_ids(self.model, self.prompt_ids, self.max_new_tokens, cancel=self.cancel,
-                                        **self.sampling):
+                                  **self.sampling):
             self.completion_tokens += 1
             if token == EOS_TOKEN_ID:
                 self.finish_reason = "stop"
@@ -447,8 +447,8 @@ class Generation:
             if stop_filter.stopped:
                 self.finish_reason = "stop"
                 return
-        if self.cancel is not None and self.cancel.is_set():
-            self.finish_reason = "cancelled"
+        if self.finish_reason == "length" and self.completion_tokens < self.max_new_tokens:
+            self.finish_reason = "cancelled"  # generate_ids stopped early: the cancel flag was set
         tail = stop_filter.feed(decoder.flush())
         tail += "" if stop_filter.stopped else stop_filter.flush()
         if stop_filter.stopped:
