@@ -254,7 +254,11 @@ def replace_path(new: str, out: str) -> None:
         return
     old = new + ".old"
     os.rename(out, old)
-    os.rename(new, out)
+    try:
+        os.rename(new, out)
+    except OSError:
+        os.rename(old, out)  # put the old one back rather than leave nothing
+        raise
     shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
 
 

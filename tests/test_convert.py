@@ -74,18 +74,21 @@ def exports(tmp_path_factory):
         model = MiniMindForCausalLM(config_from_sizes(HIDDEN, LAYERS, use_moe, initializer_range=0.2))
         paths[f"{name}.pth"] = str(root / f"{name}.pth")
         save_weights(model, paths[f"{name}.pth"])
-    jobs = {"llama": ("torch2llama", "dense", 0), "hf": ("torch2hf", "dense", 0), "hf_moe": ("torch2hf", "moe", 1)}
-    for out, (mode, source, use_moe) in jobs.items():
+    def export_args(mode, source, out, use_moe):
         paths[out] = str(root / out)
-        args = ["--mode", mode, "--in", paths[f"{source}.pth"], "--out", paths[out], *SIZE_FLAGS,
+        return ["--mode", mode, "--in", paths[f"{source}.pth"], "--out", paths[out], *SIZE_FLAGS,
                 "--use_moe", str(use_moe), "--dtype", "float32"]
-        if use_moe:  # in-process: the same code as the command line, without another interpreter start
-            convert_main(args)
-            continue
-        result = run_cli(*args, cwd=root)
-        assert result.returncode == 0, result.stderr
-        assert f"wrote {paths[out]}" in result.stdout
-    paths["root"] = str(root)
+
+    # the two command-line runs go side by side; the MoE export runs in-process meanwhile
+    # (the same code as the command line, without another interpreter start)
+    cli_runs = {out: subprocess.Popen([sys.executable, SCRIPT, *export_args(mode, "dense", out, 0)], cwd=root,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for out, mode in (("llama", "torch2llama"), ("hf", "torch2hf"))}
+    convert_main(export_args("torch2hf", "moe", "hf_moe", 1))
+    for out, process in cli_runs.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        assert f"wrote {paths[out]}" in stdout
     return paths
 
 
