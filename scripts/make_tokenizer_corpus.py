@@ -54,7 +54,7 @@ def render_man_page(path):
         roff = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
         out = subprocess.run(
             ["groff", "-Tutf8", "-man", "-Kutf-8", "-rLL=5000n", "-rHY=0", "-P-cbou"],
-            input=roff, capture_output=True, timeout=30,
+            input=roff, capture_output=True, timeout=300,  # generous: a loaded machine must not drop pages
         ).stdout.decode("utf-8", errors="replace")
     except (OSError, subprocess.TimeoutExpired, EOFError):
         return ""
@@ -153,6 +153,26 @@ def synth_en_documents(words, p, n_chars, rng):
         yield doc
 
 
+# ---------------------------------------------------------------- demo data
+
+def demo_documents():
+    """The bundled demo texts, and the demo chats written out as ChatML.
+
+    The chats teach the vocabulary the ChatML frame itself ("system", "user", "assistant")
+    and the assistant's name, so every training example spends fewer tokens on them.
+    """
+    demo = ROOT / "dataset/demo"
+    with open(demo / "tokenizer_train.jsonl", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    with open(demo / "sft.jsonl", encoding="utf-8") as f:
+        for line in f:
+            messages = json.loads(line)["conversations"]
+            if messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": "You are a helpful assistant"}] + messages
+            docs.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages))
+    return docs
+
+
 # ---------------------------------------------------------------- main
 
 def write_jsonl(path, texts):
@@ -169,11 +189,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=str(ROOT / "dataset/.cache/tokenizer"))
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--zh_synth_mchars", type=float, default=6.0, help="million chars of wordfreq zh text")
-    parser.add_argument("--jieba_synth_mchars", type=float, default=3.0, help="million chars of jieba zh text")
-    parser.add_argument("--en_synth_mchars", type=float, default=8.0, help="million chars of wordfreq en text")
+    parser.add_argument("--zh_synth_mchars", type=float, default=4.0, help="million chars of wordfreq zh text")
+    parser.add_argument("--jieba_synth_mchars", type=float, default=2.0, help="million chars of jieba zh text")
+    parser.add_argument("--en_synth_mchars", type=float, default=10.0, help="million chars of wordfreq en text")
     parser.add_argument("--zh_man_repeat", type=int, default=2, help="times the zh man pages are repeated")
-    parser.add_argument("--en_man_repeat", type=int, default=3, help="times the en man pages are repeated")
+    parser.add_argument("--en_man_repeat", type=int, default=5, help="times the en man pages are repeated")
     parser.add_argument("--max_en_pages", type=int, default=6000, help="cap on rendered English man pages")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
@@ -205,7 +225,7 @@ def main():
     synthetic += synth_en_documents(en_words, en_p, args.en_synth_mchars * 1e6, rng)
 
     # Shuffle so the trainer's progress bar is representative; seeded for reproducibility.
-    corpus = zh_train * args.zh_man_repeat + en_train * args.en_man_repeat + synthetic
+    corpus = zh_train * args.zh_man_repeat + en_train * args.en_man_repeat + synthetic + demo_documents()
     random.Random(args.seed).shuffle(corpus)
     n = write_jsonl(out_dir / "corpus.jsonl", corpus)
 
@@ -213,6 +233,7 @@ def main():
     print(f"corpus: {n} documents, {chars / 1e6:.1f}M chars -> {out_dir / 'corpus.jsonl'}")
     print(f"  zh man pages: {len(zh_train)} train (x{args.zh_man_repeat}), {n_zh_held} held out")
     print(f"  en man pages: {len(en_train)} train (x{args.en_man_repeat}), {n_en_held} held out")
+    print(f"  demo texts and chats from dataset/demo (make them with scripts/make_demo_data.py)")
     print(f"held-out text -> {out_dir / 'heldout_zh.jsonl'}, {out_dir / 'heldout_en.jsonl'}")
 
 
