@@ -183,6 +183,7 @@ class JsonlLines:
         self.reused_index = cache.exists()
         if not self.reused_index:
             save_atomically(build_index(path, check, validate, skip_bad_lines), cache)
+        self.index_path = cache
         self.index = np.load(cache, mmap_mode="r")  # shared, read-only pages
         self.file = None  # opened lazily, once per (worker) process
 
@@ -204,10 +205,16 @@ class JsonlLines:
         return obj
 
     def __getstate__(self):
-        # DataLoader workers get a copy without the open file handle
+        # Sent to DataLoader workers (spawn) without the file handle and without the index
+        # data: each worker maps the same index file again instead of receiving a copy.
         state = self.__dict__.copy()
         state["file"] = None
+        state["index"] = None
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.index = np.load(self.index_path, mmap_mode="r")
 
 
 # ------------------------------------------------------------------ tokenization helpers

@@ -326,3 +326,14 @@ def test_length_grouped_sampler_shards_and_groups():
         s.set_epoch(1)
     assert list(samplers[0]) != first  # a new order each epoch
     assert set(samplers[0]) | set(samplers[1]) == set(range(100))
+
+
+def test_dataset_pickles_without_copying_the_index(tok, tmp_path):
+    import pickle
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": str(i)} for i in range(1000)])
+    ds = PretrainDataset(path, tok, cache_dir=tmp_path)
+    ds[0]  # opens the file handle
+    blob = pickle.dumps(ds.lines)
+    assert len(blob) < 1000 * 8  # the 1000-row index (24 KB) is not inside
+    copy = pickle.loads(blob)
+    assert len(copy) == 1000 and copy[999] == {"text": "999"}
