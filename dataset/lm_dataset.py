@@ -12,7 +12,7 @@ Items are *not* padded: the collate functions pad to the longest item of the bat
 
 Big files. MiniMind's sft_512.jsonl is 7.5 GB and torchrun starts one process per GPU, so a
 dataset never holds the file as Python objects. It keeps a byte-offset index of the lines
-(a small .npy cached under dataset/.cache/index/, memory-mapped, shared by all ranks through
+(16 bytes a line, cached under dataset/.cache/index/, memory-mapped, shared by all ranks through
 the page cache, reused by the next run) and reads + tokenizes one line in __getitem__.
 
 Bad lines. A line that is not JSON, lacks its keys, has roles out of order or an empty
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = ROOT / "dataset" / ".cache" / "index"
 PAD_ID = 0
 VALIDATE_MAX_BYTES = 256 * 1024 ** 2
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
 
 
 class DataFormatError(ValueError):
@@ -103,18 +103,35 @@ def parse_line(raw, check):
 
 # ------------------------------------------------------------------ on-disk line index
 
-def scan_line_starts(path, chunk_bytes=16 * 1024 ** 2):
-    """Byte offset of every line start and every line's length, found with numpy per chunk."""
-    starts, pos = [np.zeros(1, dtype=np.uint64)], 0
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == ord("\n"))
-            starts.append((newlines + pos + 1).astype(np.uint64))
-            pos += len(chunk)
-    starts = np.concatenate(starts)
-    ends = np.append(starts[1:], np.uint64(pos))  # exclusive, newline included
-    keep = starts < pos  # drop the empty "line" after a final newline
-    return starts[keep], (ends - starts)[keep]
+# One row per usable line. Stored as a raw array (np.memmap), written chunk by chunk, so
+# neither building nor using the index ever holds it all in memory.
+INDEX_ROW = np.dtype([("offset", "<u8"), ("length", "<u4"), ("line", "<u4")])
+
+
+def chunked_line_rows(f, chunk_bytes):
+    """Yield (rows, data, base) per chunk of the file: the chunk's complete lines as INDEX_ROW
+    (line = 1-based line number), the bytes they come from and the file offset of data[0]."""
+    carry, pos, line_no = b"", 0, 0
+    while True:
+        chunk = f.read(chunk_bytes)
+        data = carry + chunk
+        base = pos - len(carry)
+        pos += len(chunk)
+        ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n")) + 1
+        if not chunk and data:  # the last line has no final newline
+            ends = np.append(ends, len(data))
+        if len(ends):
+            starts = np.concatenate([[0], ends[:-1]])
+            rows = np.empty(len(ends), dtype=INDEX_ROW)
+            rows["offset"], rows["length"] = base + starts, ends - starts
+            rows["line"] = np.arange(line_no + 1, line_no + 1 + len(ends))
+            line_no += len(ends)
+            yield rows, data, base
+            carry = data[ends[-1]:]
+        else:
+            carry = data  # a line longer than the chunk: keep reading
+        if not chunk:
+            return
 
 
 def index_cache_path(path, tag, cache_dir):
@@ -122,50 +139,54 @@ def index_cache_path(path, tag, cache_dir):
     st = os.stat(path)
     key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{tag}|v{INDEX_FORMAT_VERSION}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"{Path(path).name}.{digest}.npy"
+    return Path(cache_dir) / f"{Path(path).name}.{digest}.idx"
 
 
-def save_atomically(array, target):
-    """Write to a temp file, then rename: concurrent ranks never see a half-written index."""
+def build_index(path, check, validate, skip_bad_lines, target, chunk_bytes=16 * 1024 ** 2):
+    """Write the index of `path` to `target`: one INDEX_ROW per usable line.
+
+    Written to a temp file, then renamed: concurrent ranks never see a half-written index
+    (if several build it at once, each writes its own and the last rename wins).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    bad = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
+        with open(path, "rb") as f, os.fdopen(fd, "wb") as out:
+            for rows, data, base in chunked_line_rows(f, chunk_bytes):
+                keep = np.ones(len(rows), dtype=bool)
+                # without validation only the short lines need a look (are they blank?)
+                to_check = range(len(rows)) if validate or skip_bad_lines else np.flatnonzero(rows["length"] <= 2)
+                for i in to_check:
+                    row = rows[i]
+                    start = int(row["offset"]) - base
+                    raw = data[start:start + int(row["length"])]
+                    if row["length"] <= 2 and not raw.strip():
+                        keep[i] = False  # blank lines are not data (a trailing one is common)
+                        continue
+                    if not (validate or skip_bad_lines):
+                        continue
+                    _, problem = parse_line(raw, check)
+                    if problem is None:
+                        continue
+                    if not skip_bad_lines:
+                        raise DataFormatError(f"{path}:{int(row['line'])}: {problem}")
+                    keep[i] = False
+                    bad.append(int(row["line"]))
+                out.write(rows[keep].tobytes())
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)
         raise
-
-
-def build_index(path, check, validate, skip_bad_lines):
-    """(N, 3) uint64 rows of [byte offset, byte length, line number] for the usable lines."""
-    starts, lengths = scan_line_starts(path)
-    line_numbers = np.arange(1, len(starts) + 1, dtype=np.uint64)
-    keep = np.ones(len(starts), dtype=bool)
-    bad = []
-    with open(path, "rb") as f:
-        # Blank lines are skipped quietly (a trailing empty line is common); they are short,
-        # so only the short lines need a look.
-        for i in np.flatnonzero(lengths <= 2):
-            f.seek(int(starts[i]))
-            keep[i] = bool(f.read(int(lengths[i])).strip())
-        if validate or skip_bad_lines:
-            f.seek(0)
-            for i, raw in enumerate(f):
-                if not keep[i]:
-                    continue
-                _, problem = parse_line(raw, check)
-                if problem is None:
-                    continue
-                if not skip_bad_lines:
-                    raise DataFormatError(f"{path}:{i + 1}: {problem}")
-                keep[i] = False
-                bad.append(i + 1)
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
         print(f"{path}: skipped {len(bad)} malformed line(s) (line {shown})")
-    return np.stack([starts, lengths, line_numbers], axis=1)[keep]
+
+
+def load_index(index_path):
+    if os.path.getsize(index_path) == 0:  # np.memmap refuses empty files
+        return np.zeros(0, dtype=INDEX_ROW)
+    return np.memmap(index_path, dtype=INDEX_ROW, mode="r")  # shared, read-only pages
 
 
 class JsonlLines:
@@ -182,9 +203,9 @@ class JsonlLines:
         cache = index_cache_path(path, tag, cache_dir)
         self.reused_index = cache.exists()
         if not self.reused_index:
-            save_atomically(build_index(path, check, validate, skip_bad_lines), cache)
+            build_index(path, check, validate, skip_bad_lines, cache)
         self.index_path = cache
-        self.index = np.load(cache, mmap_mode="r")  # shared, read-only pages
+        self.index = load_index(cache)
         self.file = None  # opened lazily, once per (worker) process
 
     def __len__(self):
@@ -192,10 +213,11 @@ class JsonlLines:
 
     def line_lengths(self):
         """Byte length of every line: a free proxy for token length (length-grouped batching)."""
-        return np.asarray(self.index[:, 1])
+        return np.asarray(self.index["length"])
 
     def __getitem__(self, i):
-        offset, length, line_no = (int(v) for v in self.index[i])
+        row = self.index[i]
+        offset, length, line_no = int(row["offset"]), int(row["length"]), int(row["line"])
         if self.file is None:
             self.file = open(self.path, "rb")
         self.file.seek(offset)
@@ -214,7 +236,7 @@ class JsonlLines:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.index = np.load(self.index_path, mmap_mode="r")
+        self.index = load_index(self.index_path)
 
 
 # ------------------------------------------------------------------ tokenization helpers

@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -298,7 +299,7 @@ def test_index_is_cached_and_rebuilt_when_the_file_changes(tok, tmp_path):
     write_jsonl(tmp_path / "p.jsonl", [{"text": "一"}, {"text": "二"}, {"text": "三"}])
     changed = PretrainDataset(path, tok, cache_dir=cache)
     assert not changed.lines.reused_index and len(changed) == 3
-    assert list(cache.glob("*.tmp")) == []  # written atomically, no leftovers
+    assert list(cache.glob("*.tmp")) == [] and len(list(cache.glob("*.idx"))) == 2  # atomic, no leftovers
 
 
 def test_lines_without_final_newline_and_crlf(tok, tmp_path):
@@ -337,3 +338,19 @@ def test_dataset_pickles_without_copying_the_index(tok, tmp_path):
     assert len(blob) < 1000 * 8  # the 1000-row index (24 KB) is not inside
     copy = pickle.loads(blob)
     assert len(copy) == 1000 and copy[999] == {"text": "999"}
+
+
+def test_index_is_the_same_for_any_chunk_size(tmp_path):
+    from dataset.lm_dataset import INDEX_ROW, build_index, check_pretrain
+    lines = ['{"text": "一二三四五六七八九十"}', "", '{"text": "a"}', '{"text": "' + "长" * 50 + '"}']
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")  # no final newline
+    indexes = []
+    for chunk in (7, 64, 1 << 20):
+        target = tmp_path / f"i{chunk}.idx"
+        build_index(str(path), check_pretrain, True, False, target, chunk_bytes=chunk)
+        indexes.append(np.fromfile(target, dtype=INDEX_ROW).tolist())
+    assert indexes[0] == indexes[1] == indexes[2]
+    data = path.read_bytes()
+    assert [json.loads(data[o:o + n]) for o, n, _ in indexes[0]] == [json.loads(lines[i]) for i in (0, 2, 3)]
+    assert [line for _, _, line in indexes[0]] == [1, 3, 4]
