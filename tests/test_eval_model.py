@@ -5,7 +5,6 @@ weights; its text is gibberish, which is fine: at temperature 0 the same prompt 
 same text through every path. Its weights are drawn with a wide spread (std 0.3) so that
 greedy replies differ from prompt to prompt instead of repeating one token."""
 import io
-import os
 import random
 import subprocess
 import sys
@@ -213,7 +212,7 @@ def test_eval_missing_checkpoint_says_what_exists_and_how_to_make_it(out_dir, tm
     assert result.stdout == ""
 
 
-def test_eval_pretrain_mode_continues_plain_text(out_dir, monkeypatch, capsys):
+def test_eval_pretrain_mode_continues_plain_text(out_dir, capsys):
     import eval_model
 
     model, tokenizer = load_model(model_args(out_dir=str(out_dir), model_mode=0, hidden_size=64, num_hidden_layers=2))
