@@ -27,6 +27,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -41,6 +42,7 @@ from model.model_minimind import MiniMindForCausalLM  # noqa: E402
 DOWNLOAD_HINT = ("get the full data with `modelscope download --dataset gongjy/minimind_dataset --local_dir dataset` "
                  "or `huggingface-cli download --repo-type dataset jingyaogong/minimind_dataset --local-dir dataset`")
 MAX_BAD_STEPS_IN_A_ROW = 5  # non-finite steps tolerated in a row before the run is stopped
+LENGTH_GROUP_WINDOW = 256  # samples sorted by length together with --group_by_length 1 (off by default)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,6 +87,10 @@ def build_parser(description: str, **stage_defaults) -> argparse.ArgumentParser:
     run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="autocast precision (default: bfloat16 on CUDA, float32 on CPU)")
     run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--group_by_length", type=int, default=0, choices=[0, 1],
+                     help=f"1: batch samples of similar length together (sorted inside shuffled windows of "
+                          f"{LENGTH_GROUP_WINDOW} samples): less padding, but less varied batches, which hurt "
+                          f"learning on the small templated demo sets")
     run.add_argument("--compile", type=int, default=0, choices=[0, 1], help="1: torch.compile the model")
     run.add_argument("--deepspeed", default=None, metavar="DS_CONFIG.json",
                      help="train through deepspeed.initialize with this config (ZeRO 1/2/3)")
@@ -205,6 +211,10 @@ def init_runtime(args: argparse.Namespace) -> Runtime:
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
     device = torch.device(args.device)
+    if not on_cuda and dist.is_initialized() and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one machine share its cores; oversubscribed threads slow everyone down
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     if on_cuda and dist.is_initialized():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -279,16 +289,16 @@ def count_parameters(model: torch.nn.Module) -> str:
 class StepBatchSampler:
     """This rank's micro-batches (lists of sample indices) for one epoch.
 
-    The epoch's order is one seeded permutation of the dataset, the same on every rank. It is cut
-    into optimizer steps of batch_size x accumulation_steps x world_size samples; inside a step,
-    micro-batch j goes to rank j % world_size. So one process with accumulation 2 and two
-    processes with accumulation 1 see the same micro-batches in every step, and a run can resume
-    at any sample count, even with another number of ranks. The tail that does not fill a whole
-    step is left out of this epoch (the next epoch's shuffle covers it). This replaces
-    DistributedSampler: it is a distributed sampler with set_epoch-style seeding by epoch."""
+    The epoch's order (see epoch_order) is the same on every rank. It is cut into optimizer
+    steps of batch_size x accumulation_steps x world_size samples; inside a step, micro-batch j
+    goes to rank j % world_size. So one process with accumulation 2 and two processes with
+    accumulation 1 see the same micro-batches in every step, and a run can resume at any sample
+    count, even with another number of ranks. The tail that does not fill a whole step is left
+    out of this epoch (the next epoch's shuffle covers it). This takes the place of
+    DistributedSampler: sharding by rank, reseeded every epoch like its set_epoch."""
 
     def __init__(self, num_samples: int, batch_size: int, accumulation_steps: int, rank: int, world_size: int,
-                 seed: int, epoch: int, skip_samples: int = 0):
+                 seed: int, epoch: int, skip_samples: int = 0, lengths=None, group_size: int = 0):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.accumulation_steps = accumulation_steps
@@ -297,6 +307,8 @@ class StepBatchSampler:
         self.seed = seed
         self.epoch = epoch
         self.skip_samples = skip_samples
+        self.lengths = None if lengths is None else torch.from_numpy(np.array(lengths, dtype=np.int64))
+        self.group_size = group_size
         self.samples_per_step = batch_size * accumulation_steps * world_size
 
     @property
@@ -307,13 +319,32 @@ class StepBatchSampler:
     def __len__(self) -> int:
         return self.steps * self.accumulation_steps
 
-    def __iter__(self):
+    def epoch_order(self) -> torch.Tensor:
+        """A seeded shuffle; with lengths, also sorted by length inside consecutive windows of
+        group_size samples, so the samples of one micro-batch have similar lengths and padding
+        each batch to its longest sample wastes little. The windows depend on neither the batch
+        size nor the world size, so a resumed run finds its place in the same order."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator)[self.skip_samples:]
+        order = torch.randperm(self.num_samples, generator=generator)
+        if self.lengths is not None and self.group_size > 1:
+            for start in range(0, self.num_samples, self.group_size):
+                window = order[start:start + self.group_size]
+                order[start:start + self.group_size] = window[torch.argsort(self.lengths[window], stable=True)]
+        return order
+
+    def __iter__(self):
+        order = self.epoch_order()[self.skip_samples:]
         for step in range(self.steps):
             for micro in range(self.accumulation_steps):
                 start = step * self.samples_per_step + (micro * self.world_size + self.rank) * self.batch_size
                 yield order[start:start + self.batch_size].tolist()
+
+
+def sample_lengths(dataset):
+    """A cheap length per sample for length grouping: the byte length of its jsonl line
+    (the datasets of dataset/lm_dataset.py index their lines), or None when unknown."""
+    lines = getattr(dataset, "lines", None)
+    return lines.line_lengths() if hasattr(lines, "line_lengths") else None
 
 
 def steps_per_epoch(num_samples: int, samples_per_step: int, data_path: str) -> int:
@@ -337,7 +368,8 @@ def count_real_tokens(items) -> int:
 
 
 class CountingCollate:
-    """Wraps a collate function and records how many real (non-padding) tokens the batch holds."""
+    """Wraps a collate function and records how many real (non-padding) tokens the batch holds,
+    and how many positions the model computes (padding included)."""
 
     def __init__(self, collate_fn):
         self.collate_fn = collate_fn
@@ -345,6 +377,7 @@ class CountingCollate:
     def __call__(self, items):
         batch = self.collate_fn(items)
         batch["num_tokens"] = count_real_tokens(items)
+        batch["num_positions"] = sum(batch[k].numel() for k in ("input_ids", "x_chosen", "x_rejected") if k in batch)
         return batch
 
 
@@ -455,6 +488,7 @@ class Trainer:
         self.samples_per_step = args.batch_size * args.accumulation_steps * runtime.world_size
         self.steps_per_epoch = steps_per_epoch(len(dataset), self.samples_per_step, args.data_path)
         self.total_steps = self.steps_per_epoch * args.epochs  # the LR schedule spans all epochs
+        self.lengths = sample_lengths(dataset) if args.group_by_length else None
         self.progress = Progress()
         self.last_good_save = None
         self.bad_steps_in_a_row = 0
@@ -536,7 +570,8 @@ class Trainer:
     def train_epoch(self, last_step: int):
         args, progress = self.args, self.progress
         sampler = StepBatchSampler(len(self.dataset), args.batch_size, args.accumulation_steps, self.runtime.rank,
-                                   self.runtime.world_size, args.seed, progress.epoch, progress.samples_in_epoch)
+                                   self.runtime.world_size, args.seed, progress.epoch, progress.samples_in_epoch,
+                                   lengths=self.lengths, group_size=LENGTH_GROUP_WINDOW)
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
                             num_workers=args.num_workers, pin_memory=self.runtime.device.type == "cuda")
         self.epoch_start = time.time()
@@ -571,7 +606,7 @@ class Trainer:
                 self.engine.step()          # ...and only updates on the accumulation boundary
             else:
                 self.scaler.scale(loss / self.args.accumulation_steps).backward()
-        stats.add(loss.detach().float(), batch["num_tokens"], batch["input_ids"].numel(), extras)
+        stats.add(loss.detach().float(), batch["num_tokens"], batch["num_positions"], extras)
 
     def finish_step(self, stats: "StepStats"):
         """Agree across ranks on the step's loss, then update (or skip a non-finite step)."""
@@ -659,7 +694,7 @@ class Trainer:
     def log_line(self, record: dict) -> str:
         """MiniMind's log line, plus the stage's extra numbers."""
         done = self.progress.step - self.epoch_start_step
-        minutes_left = (time.time() - self.epoch_start) / max(done, 1) * (self.steps_per_epoch - self.step_in_epoch())
+        minutes_left = (time.time() - self.epoch_start) / 60 / max(done, 1) * (self.steps_per_epoch - self.step_in_epoch())
         extras = "".join(f" {k}:{v:.4f}" for k, v in record.items()
                          if k not in ("step", "epoch", "loss", "lr", "tokens_per_s", "padded_tokens_per_s",
                                       "grad_norm", "skipped", "time"))
@@ -803,9 +838,11 @@ def assert_finite(model: torch.nn.Module, path: str) -> None:
 
 
 def run_stage(main_fn):
-    """Run a stage's main(): clean exit codes and messages for the errors a user can fix."""
+    """Run a stage's main() from the command line: errors a user can fix (bad data lines, a
+    diverged run) end with their message and exit code 2 instead of a traceback."""
+    from dataset.lm_dataset import DataFormatError
     try:
         main_fn()
-    except TrainingDiverged as error:
+    except (TrainingDiverged, DataFormatError) as error:
         tqdm.write(f"error: {error}", file=sys.stderr)
         sys.exit(2)

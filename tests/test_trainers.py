@@ -1,0 +1,177 @@
+"""Every stage through its real command line, on the bundled demo data with a tiny model:
+files under the right names, loadable with strict=True, the stage chain with default
+--from_weight, the non-finite guard, LoRA leaving the base untouched, and (slow) a tiny model
+that learns the demo identity answer."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from model.checkpoint import config_from_sizes, load_weights, lora_path, read_state_dict, save_weights
+from model.model_lora import apply_lora, load_lora
+from model.model_minimind import MiniMindForCausalLM
+from trainer_helpers import REPO_ROOT, TINY, dirs, metrics, run, script, train
+
+FEW_STEPS = ["--batch_size", "2", "--max_steps", "2", "--log_interval", "1"]
+
+
+def load_strict(path, hidden=64, layers=2, use_moe=False) -> MiniMindForCausalLM:
+    model = MiniMindForCausalLM(config_from_sizes(hidden, layers, use_moe))
+    load_weights(model, str(path))  # strict: every key, every shape
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """pretrain -> full_sft -> dpo -> reason, each stage starting from the previous one by default."""
+    tmp = tmp_path_factory.mktemp("chain")
+    logs = {
+        "pretrain": train("train_pretrain.py", tmp, *FEW_STEPS, "--use_wandb", "1",
+                          env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}),
+        "full_sft": train("train_full_sft.py", tmp, *FEW_STEPS, "--learning_rate", "1e-4"),
+        "rlhf": train("train_dpo.py", tmp, *FEW_STEPS, "--learning_rate", "1e-5"),
+        "reason": train("train_distill_reason.py", tmp, *FEW_STEPS, "--learning_rate", "1e-5"),
+    }
+    return tmp, logs
+
+
+@pytest.mark.parametrize("stage, previous", [("pretrain", None), ("full_sft", "pretrain"), ("rlhf", "full_sft"),
+                                             ("reason", "rlhf")])
+def test_stage_chain_writes_loadable_weights(chain, stage, previous):
+    tmp, logs = chain
+    model = load_strict(tmp / "out" / f"{stage}_64.pth")
+    assert (tmp / "checkpoints" / f"{stage}_64_resume.pth").is_file()
+    records = metrics(tmp, f"{stage}_64")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    if previous:  # started from the previous stage's file, and changed it
+        assert f"loaded {previous} weights" in logs[stage].stdout
+        before = read_state_dict(str(tmp / "out" / f"{previous}_64.pth"))
+        after = model.state_dict()
+        assert any(not torch.equal(before[k], after[k].half()) for k in before)
+
+
+def test_demo_fallback_is_announced_in_one_line(chain):
+    _, logs = chain
+    lines = [l for l in logs["pretrain"].stdout.splitlines() if "not found" in l]
+    assert len(lines) == 1 and "dataset/demo/pretrain.jsonl" in lines[0] and "minimind_dataset" in lines[0]
+
+
+def test_wandb_logs_offline(chain):
+    tmp, _ = chain
+    runs = list((tmp / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_dpo_logs_reward_margin_and_accuracy(chain):
+    tmp, _ = chain
+    for record in metrics(tmp, "rlhf_64"):
+        assert 0.0 <= record["reward_accuracy"] <= 1.0 and math.isfinite(record["reward_margin"])
+
+
+def test_lora_stage_saves_only_the_adapter(chain):
+    tmp, _ = chain
+    result = train("train_lora.py", tmp, *FEW_STEPS, "--lora_rank", "4", "--learning_rate", "1e-3")
+    assert "trainable parameters" in result.stdout and "every base weight is frozen" in result.stdout
+    adapter = read_state_dict(lora_path(str(tmp / "out"), "lora_identity", 64))
+    assert adapter and all(".lora." in k for k in adapter)
+    model = load_strict(tmp / "out" / "full_sft_64.pth")
+    apply_lora(model, rank=4)
+    load_lora(model, lora_path(str(tmp / "out"), "lora_identity", 64))  # strict: same layers and rank
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if k.endswith("lora.B.weight"))
+
+
+def test_lora_stage_changes_no_base_weight(chain):
+    """In-process, to look at the trained model itself: every base weight equals the file it came from."""
+    from trainer.train_lora import main as lora_main
+    tmp, _ = chain
+    model = lora_main([*TINY, *dirs(tmp), *FEW_STEPS, "--lora_name", "lora_medical", "--lora_rank", "4",
+                       "--learning_rate", "1e-2"])
+    base = read_state_dict(str(tmp / "out" / "full_sft_64.pth"))
+    trained = model.state_dict()
+    assert all(torch.equal(trained[k].half(), base[k]) for k in base)
+    assert any(trained[k].abs().sum() > 0 for k in trained if k.endswith("lora.B.weight"))
+
+
+def test_distillation_from_a_larger_teacher(chain):
+    tmp, _ = chain
+    teacher = MiniMindForCausalLM(config_from_sizes(128, 2))  # a real (untrained) larger teacher file
+    save_weights(teacher, str(tmp / "out" / "full_sft_128.pth"))
+    train("train_distillation.py", tmp, *FEW_STEPS, "--teacher_hidden_size", "128",
+          "--teacher_num_hidden_layers", "2", "--alpha", "0.3", "--temperature", "2")
+    load_strict(tmp / "out" / "full_dist_64.pth")
+    for record in metrics(tmp, "full_dist_64"):
+        assert record["loss"] == pytest.approx(0.3 * record["ce"] + 0.7 * record["kl"], rel=1e-4)
+
+
+def test_missing_from_weight_names_the_script_that_makes_it(tmp_path):
+    from trainer.train_full_sft import main as sft_main
+    with pytest.raises(SystemExit, match=r"pretrain_64.pth not found.*python trainer/train_pretrain.py"):
+        sft_main([*TINY, *dirs(tmp_path), *FEW_STEPS])
+
+
+def test_bad_data_line_is_reported_with_file_and_line(tmp_path):
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "fine too"}\n{not json}\n')
+    result = train("train_pretrain.py", tmp_path, *FEW_STEPS, "--data_path", str(data), check=False)
+    assert result.returncode == 2 and f"{data}:3:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_moe_pretrain_adds_the_balancing_loss(tmp_path):
+    train("train_pretrain.py", tmp_path, *FEW_STEPS, "--use_moe", "1")
+    load_strict(tmp_path / "out" / "pretrain_64_moe.pth", use_moe=True)
+    assert all(r["aux_loss"] > 0 for r in metrics(tmp_path, "pretrain_64_moe"))
+
+
+def test_one_nan_step_is_skipped(tmp_path):
+    result = train("train_pretrain.py", tmp_path, "--batch_size", "2", "--max_steps", "4", "--debug_nan_steps", "2")
+    assert "step 2: non-finite loss" in result.stdout
+    records = metrics(tmp_path, "pretrain_64")
+    assert [r["skipped"] for r in records] == [False, True, False, False]
+    assert math.isfinite(records[-1]["loss"])
+    load_strict(tmp_path / "out" / "pretrain_64.pth")
+
+
+def test_repeated_nan_steps_stop_the_run_without_writing_bad_weights(tmp_path):
+    result = train("train_pretrain.py", tmp_path, "--batch_size", "2", "--max_steps", "20", "--save_interval", "2",
+                   "--debug_nan_steps", "3-20", check=False)
+    assert result.returncode == 2
+    assert "stopping at step 7" in result.stderr and "steps 3-7" in result.stderr
+    assert "learning rate" in result.stderr and "pretrain_64.pth (step 2)" in result.stderr
+    state = torch.load(tmp_path / "checkpoints" / "pretrain_64_resume.pth", weights_only=True)
+    assert state["step"] == 2  # nothing was saved after the failures began
+    load_strict(tmp_path / "out" / "pretrain_64.pth")
+
+
+def identity_question_and_answer():
+    """A single-turn demo SFT conversation in which the assistant says who it is."""
+    with open(os.path.join(REPO_ROOT, "dataset", "demo", "sft.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            turns = json.loads(line)["conversations"]
+            if len(turns) == 2 and turns[1]["content"].startswith("我是MiniMind"):
+                return turns[0]["content"], turns[1]["content"]
+    raise AssertionError("no identity conversation in dataset/demo/sft.jsonl")
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_the_demo_identity_answer(tmp_path):
+    """Full SFT from random init on the demo set (about a minute on 2 CPU cores): greedy decoding
+    must give the demo answer word for word, so the loop really learns."""
+    from transformers import AutoTokenizer
+    question, answer = identity_question_and_answer()
+    train("train_full_sft.py", tmp_path, "--from_weight", "none", "--max_seq_len", "96", "--batch_size", "16",
+          "--learning_rate", "5e-3", "--warmup_iters", "5", "--epochs", "1", "--max_steps", "80",
+          "--log_interval", "20", "--save_interval", "1000", timeout=600)
+    model = load_strict(tmp_path / "out" / "full_sft_64.pth").eval()
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True)
+    input_ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+    output = model.generate(input_ids, max_new_tokens=80, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    reply = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    assert reply.strip() == answer
