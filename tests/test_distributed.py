@@ -2,7 +2,6 @@
 DeepSpeed ZeRO-2/3 all reproduce one reference run of train_pretrain.py."""
 import os
 import subprocess
-import sys
 
 import pytest
 import torch

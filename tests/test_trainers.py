@@ -5,7 +5,6 @@ that learns the demo identity answer."""
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 from model.checkpoint import config_from_sizes, load_weights, lora_path, read_state_dict, save_weights
 from model.model_lora import apply_lora, load_lora
 from model.model_minimind import MiniMindForCausalLM
-from trainer_helpers import REPO_ROOT, TINY, dirs, metrics, run, script, train
+from trainer_helpers import REPO_ROOT, TINY, dirs, metrics, train
 
 FEW_STEPS = ["--batch_size", "2", "--max_steps", "2", "--log_interval", "1"]
 

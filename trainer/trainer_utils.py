@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model.checkpoint import (SCRIPT_OF_STAGE, atomic_torch_save, config_from_sizes, load_weights,  # noqa: E402
-                              read_state_dict, weight_path)
+                              read_state_dict, save_weights, weight_path)
 from model.model_minimind import MiniMindForCausalLM  # noqa: E402
 
 DOWNLOAD_HINT = ("get the full data with `modelscope download --dataset gongjy/minimind_dataset --local_dir dataset` "
@@ -474,7 +474,6 @@ class Trainer:
 
     def __init__(self, args, runtime: Runtime, model: torch.nn.Module, dataset, collate_fn, loss_fn,
                  name: str | None = None, weights_file: str | None = None, save_fn=None):
-        from model.checkpoint import save_weights
         self.args = args
         self.runtime = runtime
         self.dataset = dataset
