@@ -7,6 +7,13 @@ Measures, in one run on the same machine:
 Both models hold the same weights (checked: equal logits), so they compute the same function.
 Runs alternate between the two models so that machine noise hits both alike.
 
+Decoding one sequence multiplies every weight matrix by one vector per token. When the weights
+do not fit in the CPU caches (26M fp32 = 103 MB), those matrix-vector products take nearly all
+of the step, whatever the code around them does; so the script also times them alone (the
+ceiling for any decoder of the same weights, precision and kernels), and repeats the decode
+comparison with a small model that fits in the caches, where what is timed is the per-token
+overhead of each generation loop (`--small_hidden_size/--small_layers`).
+
     python bench/bench_model.py                 # writes bench/results/model.json
     python bench/bench_model.py --steps 2 --batch_size 2 --seq_len 128 --new_tokens 32   # quick
 """
@@ -77,6 +84,26 @@ def minimind_decode(model, prompt, new_tokens):
     return list(generate_ids(model, prompt, max_new_tokens=new_tokens, temperature=0.0, eos_token_id=None))
 
 
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@torch.no_grad()
+def matmul_floor_tokens_per_second(model, repeats: int = 20) -> float:
+    """Tokens/s of one decoding step's matrix-vector products alone: every Linear weight of the
+    model (the tied output matrix included) times a 1-token vector, in order, nothing else.
+    A decoder with the same weights, precision and PyTorch kernels cannot be faster than this."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    vectors = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    for w in weights:
+        torch.nn.functional.linear(vectors[w.shape[1]], w)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for w in weights:
+            torch.nn.functional.linear(vectors[w.shape[1]], w)
+    return repeats / (time.perf_counter() - start)
+
+
 @torch.no_grad()
 def time_decode(fn, new_tokens, repeats):
     times = []
@@ -89,6 +116,33 @@ def time_decode(fn, new_tokens, repeats):
     return times
 
 
+def compare_decoding(minimind, llama, prompt_len, new_tokens, rounds) -> dict:
+    """Greedy decode tokens/s at batch 1: our routine, Llama's generate(), MiniMind's generate()."""
+    minimind.eval(), llama.eval()
+    prompt = torch.randint(3, minimind.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(2))
+    greedy = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    runners = {
+        "minimind_routine": lambda: len(minimind_decode(minimind, prompt, new_tokens)),
+        "llama_generate": lambda: llama.generate(prompt, **greedy).shape[1] - prompt_len,
+        "minimind_generate": lambda: minimind.generate(prompt, **greedy).shape[1] - prompt_len,
+    }
+    for run in runners.values():  # warm-up
+        time_decode(run, new_tokens, 1)
+    decode = {name: [] for name in runners}
+    for _ in range(rounds + 1):
+        for name, run in runners.items():
+            decode[name] += time_decode(run, new_tokens, 1)
+    return decode
+
+
+def medians(samples: dict) -> dict:
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def speedup(decode: dict) -> float:
+    return statistics.median(decode["minimind_routine"]) / statistics.median(decode["llama_generate"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden_size", type=int, default=512)
@@ -99,6 +153,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (MiniMind, Llama, ...)")
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--small_hidden_size", type=int, default=128, help="the cache-resident decode comparison")
+    parser.add_argument("--small_layers", type=int, default=4)
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "model.json"))
     args = parser.parse_args()
 
@@ -110,29 +166,16 @@ def main():
         train["minimind"] += time_train_steps(minimind, args.batch_size, args.seq_len, args.steps)
         train["llama"] += time_train_steps(llama, args.batch_size, args.seq_len, args.steps)
 
-    minimind.eval(), llama.eval()
-    prompt = torch.randint(3, minimind.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(2))
-    greedy = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-
-    def ours():
-        return len(minimind_decode(minimind, prompt, args.new_tokens))
-
-    def hf_llama():
-        return llama.generate(prompt, **greedy).shape[1] - args.prompt_len
-
-    def hf_minimind():
-        return minimind.generate(prompt, **greedy).shape[1] - args.prompt_len
-
-    decode = {"minimind_routine": [], "llama_generate": [], "minimind_generate": []}
-    time_decode(ours, args.new_tokens, 1), time_decode(hf_llama, args.new_tokens, 1)  # warm-up
-    for _ in range(args.rounds + 1):
-        decode["minimind_routine"] += time_decode(ours, args.new_tokens, 1)
-        decode["llama_generate"] += time_decode(hf_llama, args.new_tokens, 1)
-        decode["minimind_generate"] += time_decode(hf_minimind, args.new_tokens, 1)
+    decode = compare_decoding(minimind, llama, args.prompt_len, args.new_tokens, args.rounds)
+    small_minimind, small_llama = build_pair(args.small_hidden_size, args.small_layers)
+    check_same_function(small_minimind, small_llama)
+    decode_small = compare_decoding(small_minimind, small_llama, args.prompt_len, args.new_tokens, args.rounds)
+    floor = matmul_floor_tokens_per_second(minimind)
 
     step_minimind, step_llama = statistics.median(train["minimind"]), statistics.median(train["llama"])
     tokens_per_step = args.batch_size * args.seq_len
     result = {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available()},
@@ -141,10 +184,22 @@ def main():
         "train_step_seconds_median": {"minimind": step_minimind, "llama": step_llama},
         "train_tokens_per_second": {"minimind": tokens_per_step / step_minimind, "llama": tokens_per_step / step_llama},
         "train_speedup_minimind_over_llama": step_llama / step_minimind,
-        "decode_tokens_per_second_median": {k: statistics.median(v) for k, v in decode.items()},
-        "decode_speedup_minimind_routine_over_llama_generate":
-            statistics.median(decode["minimind_routine"]) / statistics.median(decode["llama_generate"]),
-        "raw": {"train_step_seconds": train, "decode_tokens_per_second": decode},
+        "decode_tokens_per_second_median": medians(decode),
+        "decode_speedup_minimind_routine_over_llama_generate": speedup(decode),
+        "decode_ceiling": {
+            "weight_megabytes": weight_bytes(minimind) / 1e6,
+            "matmuls_alone_tokens_per_second": floor,
+            "minimind_routine_share_of_ceiling": statistics.median(decode["minimind_routine"]) / floor,
+            "llama_generate_share_of_ceiling": statistics.median(decode["llama_generate"]) / floor,
+        },
+        "decode_small_model": {
+            "hidden_size": args.small_hidden_size, "num_hidden_layers": args.small_layers,
+            "parameters": sum(p.numel() for p in small_minimind.parameters()),
+            "tokens_per_second_median": medians(decode_small),
+            "speedup_minimind_routine_over_llama_generate": speedup(decode_small),
+        },
+        "raw": {"train_step_seconds": train, "decode_tokens_per_second": decode,
+                "decode_small_tokens_per_second": decode_small},
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
