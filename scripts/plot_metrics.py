@@ -96,6 +96,8 @@ def plot(runs: dict[str, list[dict]], out_path: str, smooth: int = 0) -> None:
                          label=f"{label} (mean of {smooth})")
         lr_ax.plot([r["step"] for r in records], [r["lr"] for r in records], label=label)
     loss_ax.set(title="training loss", xlabel="optimizer step", ylabel="loss")
+    if all(v > 0 for line in loss_ax.get_lines() for v in line.get_ydata()):
+        loss_ax.set_yscale("log")  # stages' losses differ by orders of magnitude (pretrain ~8, DPO ~0.7)
     lr_ax.set(title="learning rate", xlabel="optimizer step", ylabel="lr")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     for ax in (loss_ax, lr_ax):

@@ -1,0 +1,185 @@
+"""The newcomer's path: from a fresh clone to a model you trained yourself, answering questions.
+
+    python scripts/quickstart.py          # CPU: about 8 minutes on 2 cores; on a CUDA machine it uses the GPU
+    python scripts/quickstart.py --tiny   # an even smaller model and fewer steps (what the test suite runs)
+
+It trains a small MiniMind on the bundled demo data (dataset/demo/) through the stages of the
+real recipe, each one through its own command line, printed before it starts so that you can
+run it again, change a flag, or swap in the full data set:
+
+    pretrain -> full SFT -> DPO -> reasoning distillation, and a LoRA adapter on the SFT model
+
+then asks the trained models a few questions from the demo data (greedy decoding), draws the
+loss and learning-rate curves of every stage into out/quickstart_metrics.png, and says what to
+run next. Weights, metrics and resume states stay in out/ and checkpoints/ like any other run.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+
+@dataclass
+class Size:
+    """Model shape and how long each stage trains: whole epochs (so the learning-rate schedule
+    runs its full course), optionally cut short after max_steps optimizer steps."""
+    hidden_size: int
+    num_hidden_layers: int
+    max_seq_len: int
+    epochs: dict        # stage -> epochs over its demo file
+    max_steps: int = 0  # 0 = all epochs
+
+    def flags(self) -> list[str]:
+        return ["--hidden_size", str(self.hidden_size), "--num_hidden_layers", str(self.num_hidden_layers),
+                "--max_seq_len", str(self.max_seq_len)]
+
+
+# The default is sized for a 2-core CPU (~8 minutes in all); --tiny is for the test suite.
+SIZES = {
+    "default": Size(hidden_size=256, num_hidden_layers=4, max_seq_len=128,
+                    epochs={"pretrain": 2, "full_sft": 2, "rlhf": 1, "reason": 6, "lora": 3}),
+    "tiny": Size(hidden_size=64, num_hidden_layers=2, max_seq_len=96,
+                 epochs={"pretrain": 1, "full_sft": 1, "rlhf": 1, "reason": 1, "lora": 1}, max_steps=2),
+}
+
+
+@dataclass
+class Stage:
+    name: str      # the stage's file name stem (pretrain, full_sft, ...)
+    script: str    # trainer/<script>
+    flags: list    # the stage's own flags (learning rate, batch size, ...)
+    about: str     # one line for the learner
+
+
+# Learning rates are far higher than MiniMind2's full-data recipe: a tiny model, a tiny data set
+# and a few hundred steps. Each stage starts from the previous one by its default --from_weight.
+STAGES = [
+    Stage("pretrain", "train_pretrain.py",
+          ["--batch_size", "32", "--accumulation_steps", "1", "--learning_rate", "3e-3", "--warmup_iters", "10"],
+          "random init -> continues text (next-token loss on every token)"),
+    Stage("full_sft", "train_full_sft.py",
+          ["--batch_size", "16", "--learning_rate", "2e-3", "--warmup_iters", "10"],
+          "pretrain -> answers in ChatML (loss on the assistant's tokens only)"),
+    Stage("rlhf", "train_dpo.py",
+          ["--batch_size", "8", "--learning_rate", "2e-5"],
+          "full_sft -> prefers the chosen answer over the rejected one (DPO)"),
+    Stage("reason", "train_distill_reason.py",
+          ["--batch_size", "8", "--learning_rate", "1e-3"],
+          "rlhf -> thinks in <think>...</think>, then answers in <answer>...</answer>"),
+    Stage("lora", "train_lora.py",
+          ["--lora_name", "lora_identity", "--batch_size", "16", "--learning_rate", "2e-3"],
+          "full_sft + a LoRA adapter (only the adapter is trained and saved)"),
+]
+
+# Questions from the demo data, asked of the model each stage produced.
+QUESTIONS = [
+    (1, None, "你是谁？"),
+    (1, None, "Which city is the capital of Germany?"),
+    (2, None, "一天有多少小时？"),
+    (3, None, "小明有5个苹果，妈妈又给了他6个，小明现在有几个苹果？"),
+    (1, "lora_identity", "Who are you?"),
+]
+MODEL_MODE_NAMES = {1: "full_sft", 2: "rlhf (DPO)", 3: "reason"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="a 64-wide, 2-layer model and a few steps per stage")
+    p.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "out"))
+    p.add_argument("--checkpoint_dir", default=os.path.join(REPO_ROOT, "checkpoints"))
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--resume", type=int, default=0, choices=[0, 1],
+                   help="1: continue an interrupted quickstart (each stage resumes from its saved state)")
+    return p.parse_args(argv)
+
+
+def stage_command(stage: Stage, size: Size, args) -> list[str]:
+    command = [sys.executable, os.path.join("trainer", stage.script), *size.flags(), *stage.flags,
+               "--epochs", str(size.epochs[stage.name]), "--max_steps", str(size.max_steps),
+               "--log_interval", "50", "--save_interval", "100",
+               "--out_dir", args.out_dir, "--checkpoint_dir", args.checkpoint_dir]
+    if args.device:
+        command += ["--device", args.device]
+    if args.resume:
+        command += ["--resume", "1"]
+    return command
+
+
+def shown(command: list[str]) -> str:
+    """The command as a user would type it (python, paths relative to the repository root)."""
+    words = ["python" if w == sys.executable else os.path.relpath(w, REPO_ROOT) if os.path.isabs(w) else w
+             for w in command]
+    return " ".join(f'"{w}"' if " " in w else w for w in words)
+
+
+def train_all(size: Size, args) -> None:
+    for number, stage in enumerate(STAGES, start=1):
+        command = stage_command(stage, size, args)
+        print(f"\n=== [{number}/{len(STAGES)}] {stage.name}: {stage.about}\n$ {shown(command)}", flush=True)
+        started = time.time()
+        result = subprocess.run(command, cwd=REPO_ROOT)
+        if result.returncode != 0:
+            raise SystemExit(f"quickstart: the {stage.name} stage failed (exit code {result.returncode}); "
+                             f"its message is above. Fix it and re-run with --resume 1 to keep what is done.")
+        print(f"=== {stage.name} done in {time.time() - started:.0f} s", flush=True)
+
+
+def ask_questions(size: Size, args) -> list[tuple[str, str, str]]:
+    """Greedy answers of the trained models to the demo questions: (model, question, answer)."""
+    from model.inference import build_prompt_ids, generate_text, load_model, model_args
+    answers = []
+    for model_mode, lora_name, question in QUESTIONS:
+        model, tokenizer = load_model(model_args(model_mode=model_mode, lora_name=lora_name, out_dir=args.out_dir,
+                                                 hidden_size=size.hidden_size,
+                                                 num_hidden_layers=size.num_hidden_layers,
+                                                 device=args.device or "cpu"))
+        prompt_ids = build_prompt_ids(tokenizer, [{"role": "user", "content": question}])
+        answer = generate_text(model, tokenizer, prompt_ids, max_new_tokens=size.max_seq_len, temperature=0.0)
+        label = MODEL_MODE_NAMES[model_mode] + (f" + {lora_name}" if lora_name else "")
+        answers.append((label, question, answer))
+        print(f"\n[{label}] 👶: {question}\n🤖️: {answer}", flush=True)
+    return answers
+
+
+def plot_curves(args) -> str:
+    from scripts.plot_metrics import main as plot_main
+    return plot_main([args.out_dir, "--out", os.path.join(args.out_dir, "quickstart_metrics.png"), "--smooth", "10"])
+
+
+def next_steps(size: Size) -> str:
+    sizes = f"--hidden_size {size.hidden_size} --num_hidden_layers {size.num_hidden_layers}"
+    return f"""
+What next:
+  chat in the terminal     python eval_model.py {sizes} --model_mode 1
+  the reasoning model      python eval_model.py {sizes} --model_mode 3
+  with the LoRA adapter    python eval_model.py {sizes} --model_mode 1 --lora_name lora_identity
+  in the browser           streamlit run scripts/web_demo.py
+  an OpenAI-compatible API python scripts/serve_openai_api.py {sizes}
+  the real thing           download minimind_dataset into dataset/ (README: "Training on the full data"),
+                           then python trainer/train_pretrain.py and python trainer/train_full_sft.py
+"""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    size = SIZES["tiny" if args.tiny else "default"]
+    started = time.time()
+    print(f"MiniMind quickstart: a {size.hidden_size}-wide, {size.num_hidden_layers}-layer model on the demo data "
+          f"(dataset/demo/), every stage of the recipe; outputs go to {args.out_dir}", flush=True)
+    train_all(size, args)
+    print("\n=== The trained models answer demo questions (greedy decoding)", flush=True)
+    ask_questions(size, args)
+    png = plot_curves(args)
+    minutes = (time.time() - started) / 60
+    print(f"\nDone in {minutes:.1f} min. Weights and metrics: {args.out_dir}; loss/lr curves: {png}")
+    print(next_steps(size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The newcomer's first command, reduced (--tiny): every stage runs through its command line,
+the trained models answer, and every file the README promises is there."""
+import json
+import os
+import sys
+
+import pytest
+from model.checkpoint import config_from_sizes, load_weights, lora_path, read_state_dict
+from model.model_minimind import MiniMindForCausalLM
+from trainer_helpers import REPO_ROOT, run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quickstart")
+    result = run([sys.executable, os.path.join(REPO_ROOT, "scripts", "quickstart.py"), "--tiny", "--device", "cpu",
+                  "--out_dir", str(tmp / "out"), "--checkpoint_dir", str(tmp / "checkpoints")], cwd=tmp, timeout=600)
+    return tmp / "out", result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "full_sft", "rlhf", "reason"])
+def test_every_stage_leaves_loadable_weights_and_metrics(quickstart, stage):
+    out, _ = quickstart
+    model = MiniMindForCausalLM(config_from_sizes(64, 2))
+    load_weights(model, str(out / f"{stage}_64.pth"))  # strict
+    with open(out / f"{stage}_64_metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [1, 2]
+
+
+@pytest.mark.slow
+def test_lora_adapter_is_saved_alone(quickstart):
+    out, _ = quickstart
+    adapter = read_state_dict(lora_path(str(out), "lora_identity", 64))
+    assert adapter and all(".lora." in key for key in adapter)
+    assert (out / "lora_identity_64_metrics.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_the_plot_is_a_real_png_of_every_stage(quickstart):
+    import matplotlib.image
+    out, stdout = quickstart
+    png = out / "quickstart_metrics.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    height, width, _ = matplotlib.image.imread(str(png)).shape
+    assert height > 200 and width > 200
+    assert "5 run(s)" in stdout
+
+
+@pytest.mark.slow
+def test_commands_answers_and_next_steps_are_printed(quickstart):
+    _, stdout = quickstart
+    for script in ("train_pretrain.py", "train_full_sft.py", "train_dpo.py", "train_distill_reason.py",
+                   "train_lora.py"):
+        assert f"$ python trainer/{script} --hidden_size 64" in stdout
+    from scripts.quickstart import QUESTIONS
+    for _, _, question in QUESTIONS:
+        assert f"👶: {question}\n🤖️: " in stdout
+    assert "What next:" in stdout and "python eval_model.py --hidden_size 64 --num_hidden_layers 2" in stdout
+
+
+def test_a_failing_stage_stops_the_quickstart_and_names_it(tmp_path):
+    """A corrupt resume state in the way of the first stage: the quickstart stops there, says
+    which stage failed and how to continue, and runs nothing after it."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "pretrain_64_resume.pth").write_bytes(b"not a checkpoint")
+    result = run([sys.executable, os.path.join(REPO_ROOT, "scripts", "quickstart.py"), "--tiny", "--device", "cpu",
+                  "--out_dir", str(tmp_path / "out"), "--checkpoint_dir", str(checkpoints), "--resume", "1"],
+                 cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "the pretrain stage failed" in result.stderr and "--resume 1" in result.stderr
+    assert "train_full_sft.py" not in result.stdout
