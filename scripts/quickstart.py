@@ -160,8 +160,8 @@ What next:
   with the LoRA adapter    python eval_model.py {sizes} --model_mode 1 --lora_name lora_identity
   in the browser           streamlit run scripts/web_demo.py
   an OpenAI-compatible API python scripts/serve_openai_api.py {sizes}
-  the real thing           download minimind_dataset into dataset/ (README: "Training on the full data"),
-                           then python trainer/train_pretrain.py and python trainer/train_full_sft.py
+  the real thing           download minimind_dataset into dataset/ (README, "Data"), then
+                           python trainer/train_pretrain.py and python trainer/train_full_sft.py
 """
 
 
