@@ -39,7 +39,7 @@ class Size:
                 "--max_seq_len", str(self.max_seq_len)]
 
 
-# The default is sized for a 2-core CPU (~8 minutes in all); --tiny is for the test suite.
+# The default is sized for a 2-core CPU (about 7 minutes in all); --tiny is for the test suite.
 SIZES = {
     "default": Size(hidden_size=256, num_hidden_layers=4, max_seq_len=128,
                     epochs={"pretrain": 2, "full_sft": 2, "rlhf": 1, "reason": 6, "lora": 3}),
@@ -111,10 +111,13 @@ def stage_command(stage: Stage, size: Size, args) -> list[str]:
 
 
 def shown(command: list[str]) -> str:
-    """The command as a user would type it (python, paths relative to the repository root)."""
-    words = ["python" if w == sys.executable else os.path.relpath(w, REPO_ROOT) if os.path.isabs(w) else w
-             for w in command]
-    return " ".join(f'"{w}"' if " " in w else w for w in words)
+    """The command as a user would type it: python, and paths inside the repository relative to it."""
+    def short(word: str) -> str:
+        if word == sys.executable:
+            return "python"
+        inside = os.path.isabs(word) and os.path.commonpath([word, REPO_ROOT]) == REPO_ROOT
+        return os.path.relpath(word, REPO_ROOT) if inside else word
+    return " ".join(f'"{w}"' if " " in w else w for w in map(short, command))
 
 
 def train_all(size: Size, args) -> None:
@@ -131,13 +134,13 @@ def train_all(size: Size, args) -> None:
 
 def ask_questions(size: Size, args) -> list[tuple[str, str, str]]:
     """Greedy answers of the trained models to the demo questions: (model, question, answer)."""
-    from model.inference import build_prompt_ids, generate_text, load_model, model_args
+    from model.inference import build_prompt_ids, default_device, generate_text, load_model, model_args
     answers = []
     for model_mode, lora_name, question in QUESTIONS:
         model, tokenizer = load_model(model_args(model_mode=model_mode, lora_name=lora_name, out_dir=args.out_dir,
                                                  hidden_size=size.hidden_size,
                                                  num_hidden_layers=size.num_hidden_layers,
-                                                 device=args.device or "cpu"))
+                                                 device=args.device or default_device()))
         prompt_ids = build_prompt_ids(tokenizer, [{"role": "user", "content": question}])
         answer = generate_text(model, tokenizer, prompt_ids, max_new_tokens=size.max_seq_len, temperature=0.0)
         label = MODEL_MODE_NAMES[model_mode] + (f" + {lora_name}" if lora_name else "")
