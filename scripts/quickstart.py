@@ -1,6 +1,6 @@
 """The newcomer's path: from a fresh clone to a model you trained yourself, answering questions.
 
-    python scripts/quickstart.py          # CPU: about 8 minutes on 2 cores; on a CUDA machine it uses the GPU
+    python scripts/quickstart.py          # CPU: about 7 minutes on 2 cores; on a CUDA machine it uses the GPU
     python scripts/quickstart.py --tiny   # an even smaller model and fewer steps (what the test suite runs)
 
 It trains a small MiniMind on the bundled demo data (dataset/demo/) through the stages of the
@@ -132,10 +132,9 @@ def train_all(size: Size, args) -> None:
         print(f"=== {stage.name} done in {time.time() - started:.0f} s", flush=True)
 
 
-def ask_questions(size: Size, args) -> list[tuple[str, str, str]]:
-    """Greedy answers of the trained models to the demo questions: (model, question, answer)."""
+def ask_questions(size: Size, args) -> None:
+    """Print the trained models' greedy answers to the demo questions."""
     from model.inference import build_prompt_ids, default_device, generate_text, load_model, model_args
-    answers = []
     for model_mode, lora_name, question in QUESTIONS:
         model, tokenizer = load_model(model_args(model_mode=model_mode, lora_name=lora_name, out_dir=args.out_dir,
                                                  hidden_size=size.hidden_size,
@@ -144,9 +143,7 @@ def ask_questions(size: Size, args) -> list[tuple[str, str, str]]:
         prompt_ids = build_prompt_ids(tokenizer, [{"role": "user", "content": question}])
         answer = generate_text(model, tokenizer, prompt_ids, max_new_tokens=size.max_seq_len, temperature=0.0)
         label = MODEL_MODE_NAMES[model_mode] + (f" + {lora_name}" if lora_name else "")
-        answers.append((label, question, answer))
         print(f"\n[{label}] 👶: {question}\n🤖️: {answer}", flush=True)
-    return answers
 
 
 def plot_curves(args) -> str:

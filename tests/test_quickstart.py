@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+
 from model.checkpoint import config_from_sizes, load_weights, lora_path, read_state_dict
 from model.model_minimind import MiniMindForCausalLM
 from trainer_helpers import REPO_ROOT, run

@@ -18,7 +18,7 @@ LAUNCHERS = ("torchrun", "deepspeed")
 OUR_SCRIPTS = re.compile(r"^(trainer|scripts|bench)/\w+\.py$|^eval_model\.py$")
 
 
-def readme_text(path: str = README) -> str:
+def read_page(path: str = README) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
 
@@ -26,7 +26,7 @@ def readme_text(path: str = README) -> str:
 def bash_lines(paths=(README,)) -> list[str]:
     """Every command line of the ```bash blocks, continuation lines joined, comments dropped."""
     lines = []
-    blocks = [block for path in paths for block in re.findall(r"```bash\n(.*?)```", readme_text(path), flags=re.S)]
+    blocks = [block for path in paths for block in re.findall(r"```bash\n(.*?)```", read_page(path), flags=re.S)]
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
@@ -47,12 +47,11 @@ def script_and_flags(command: str) -> tuple[str, list[str]] | None:
     if not scripts or words[0] not in ("python", "python3", "streamlit", *LAUNCHERS):
         return None
     first = scripts[0]
-    flags = [w.split("=")[0] for w in words[first + 1:] if w.startswith("--")]
-    if words[0] == "streamlit" and "--" in words[first + 1:]:
-        flags = [w.split("=")[0] for w in words[words.index("--") + 1:] if w.startswith("--")]
-    elif words[0] == "streamlit":
-        flags = []
-    return words[first], flags
+    if words[0] == "streamlit":  # streamlit's own flags come before `--`, the script's after it
+        passed = words[words.index("--") + 1:] if "--" in words else []
+    else:
+        passed = words[first + 1:]
+    return words[first], [w.split("=")[0] for w in passed if w.startswith("--")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +74,7 @@ def test_the_two_commands_come_first_and_ci_runs_the_second():
     install = "python3 -m venv .venv && . .venv/bin/activate && pip install"
     assert lines[0].startswith(install) and lines[0].endswith("&& python scripts/quickstart.py")
     assert lines[1].startswith(install) and lines[1].endswith("&& python -m pytest")
-    section = readme_text().split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    section = read_page().split("## Two commands", 1)[1].split("\n## ", 1)[0]
     assert section.count("```bash") == 2
     blocks = re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
     assert blocks[1] == ci_test_command()
@@ -98,7 +97,7 @@ def test_every_script_in_the_readme_and_docs_exists_and_takes_its_flags():
 
 
 def test_files_the_readme_points_at_exist():
-    text = readme_text()
+    text = read_page()
     for path in re.findall(r"\]\(((?:docs|bench)/[^)#]+)\)", text) + ["trainer/ds_zero2.json", "trainer/ds_zero3.json"]:
         assert os.path.exists(os.path.join(REPO_ROOT, path)), path
 
@@ -107,7 +106,7 @@ def test_parameter_count_one_liner_prints_the_small_models_count():
     command = next(c for c in bash_commands() if c.startswith("python -c"))
     result = run(shlex.split(command), cwd=REPO_ROOT)
     assert result.stdout.strip() == "25829888"
-    assert "25,829,888" in readme_text()
+    assert "25,829,888" in read_page()
 
 
 @pytest.mark.slow
