@@ -1,6 +1,6 @@
 """The newcomer's path: from a fresh clone to a model you trained yourself, answering questions.
 
-    python scripts/quickstart.py          # CPU: about 7 minutes on 2 cores; on a CUDA machine it uses the GPU
+    python scripts/quickstart.py          # CPU: about 6-7 minutes on 2 cores; on a CUDA machine it uses the GPU
     python scripts/quickstart.py --tiny   # an even smaller model and fewer steps (what the test suite runs)
 
 It trains a small MiniMind on the bundled demo data (dataset/demo/) through the stages of the
@@ -39,7 +39,7 @@ class Size:
                 "--max_seq_len", str(self.max_seq_len)]
 
 
-# The default is sized for a 2-core CPU (about 7 minutes in all); --tiny is for the test suite.
+# The default is sized for a 2-core CPU (about 6-7 minutes in all); --tiny is for the test suite.
 SIZES = {
     "default": Size(hidden_size=256, num_hidden_layers=4, max_seq_len=128,
                     epochs={"pretrain": 2, "full_sft": 2, "rlhf": 1, "reason": 6, "lora": 3}),
