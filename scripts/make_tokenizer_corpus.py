@@ -161,13 +161,14 @@ def html_to_text(path):
 
 
 def debian_manual_pages(packages):
-    """The text of every HTML page of the given installed Debian packages that is mostly Chinese."""
+    """The text of the HTML pages of the given installed Debian packages that are largely Chinese
+    (at least 15% CJK characters: the rest is commands, file names and English terms)."""
     paths = []
     for package in packages:
         listing = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True)
         if listing.returncode != 0:
             raise SystemExit(f"Debian package {package} not installed: apt-get install {' '.join(packages)}")
-        paths += [Path(p) for p in listing.stdout.split() if re.search(r"\.html(\.gz)?$", p)]
+        paths += [Path(p) for p in listing.stdout.splitlines() if re.search(r"\.html(\.gz)?$", p)]
     texts = [html_to_text(p) for p in sorted(set(paths)) if p.is_file()]
     return [t for t in texts if len(t) > 200 and has_chinese(t, min_share=0.15)]
 
