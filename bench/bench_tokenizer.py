@@ -50,6 +50,12 @@ def read_texts(path):
         return [json.loads(line)["text"] for line in f]
 
 
+def read_heldout(path: Path) -> list[str]:
+    if not path.exists():
+        raise SystemExit(f"{path} missing: run python scripts/make_tokenizer_corpus.py first")
+    return read_texts(path)
+
+
 def chars_per_token(tokenizer, texts):
     chars = sum(len(t) for t in texts)
     tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
@@ -77,18 +83,15 @@ def main():
     args = parser.parse_args()
 
     heldout = Path(args.heldout_dir)
-    for name in ("heldout_zh.jsonl", "heldout_en.jsonl", "heldout_zh_reviews.jsonl", "heldout_zh_news.jsonl"):
-        if not (heldout / name).exists():
-            raise SystemExit(f"{heldout / name} missing: run python scripts/make_tokenizer_corpus.py first")
     tok = AutoTokenizer.from_pretrained(args.tokenizer_dir)
-    zh_texts = read_texts(heldout / "heldout_zh.jsonl")
+    zh_texts = read_heldout(heldout / "heldout_zh.jsonl")
     texts = {
         "zh": zh_texts,
         "zh_cjk": [run for t in zh_texts for run in CJK_RUN.findall(t)],
-        "zh_reviews": read_texts(heldout / "heldout_zh_reviews.jsonl"),
-        "zh_news": read_texts(heldout / "heldout_zh_news.jsonl"),
+        "zh_reviews": read_heldout(heldout / "heldout_zh_reviews.jsonl"),
+        "zh_news": read_heldout(heldout / "heldout_zh_news.jsonl"),
         "zh_everyday": everyday_chinese(),
-        "en": read_texts(heldout / "heldout_en.jsonl"),
+        "en": read_heldout(heldout / "heldout_en.jsonl"),
         "en_prose": [re.sub(r"\s+", " ", Path(p).read_text()) for p in PROSE_FILES if Path(p).exists()],
     }
     ours = figures(tok, texts)

@@ -47,8 +47,6 @@ def test_common_chinese_and_english_words_are_single_tokens(tok):
 def test_everyday_chinese_compresses_beyond_one_char_per_token(tok):
     # The first shipped tokenizer, trained without natural Chinese prose, reached 1.00 here
     # (MiniMind2's: 1.40); bench/results/tokenizer.md has the figures on larger held-out text.
-    import sys
-    sys.path.insert(0, REPO_ROOT)
     from eval_model import CHAT_PROMPTS
     chinese = [p for p in CHAT_PROMPTS if any("\u4e00" <= c <= "\u9fff" for c in p)]
     chars = sum(len(p) for p in chinese)
