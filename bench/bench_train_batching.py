@@ -29,8 +29,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from dataset.lm_dataset import SFTDataset, pad_collate  # noqa: E402
-from trainer.trainer_utils import (LENGTH_GROUP_WINDOW, StepBatchSampler, build_model,  # noqa: E402
-                                   count_real_tokens, language_model_loss, load_tokenizer, sample_lengths)
+from trainer.cli import LENGTH_GROUP_WINDOW  # noqa: E402
+from trainer.data_order import StepBatchSampler, count_real_tokens, sample_lengths  # noqa: E402
+from trainer.losses import language_model_loss  # noqa: E402
+from trainer.stage import build_model, load_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -11,6 +11,9 @@ import torch
 
 from model.model_minimind import MiniMindConfig
 
+# Every script resolves its default paths (out/, checkpoints/, dataset/, model/) against this
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # --model_mode of eval_model.py -> the stage whose weights it loads
 STAGE_OF_MODEL_MODE = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason", 4: "full_dist"}
 # which script writes each stage's weights (for "file not found" messages)
@@ -30,12 +33,29 @@ def config_from_sizes(hidden_size: int = 512, num_hidden_layers: int = 8, use_mo
                           **overrides)
 
 
+def run_name(name: str, hidden_size: int, use_moe: bool = False) -> str:
+    """`pretrain_512`, `full_sft_640_moe`, `lora_identity_512`: the stem of every file a run writes
+    (the `_moe` suffix keeps a dense and an MoE model of one width apart)."""
+    return f"{name}_{hidden_size}{'_moe' if use_moe else ''}"
+
+
 def weight_path(out_dir: str, stage: str, hidden_size: int, use_moe: bool = False) -> str:
-    return os.path.join(out_dir, f"{stage}_{hidden_size}{'_moe' if use_moe else ''}.pth")
+    return os.path.join(out_dir, run_name(stage, hidden_size, use_moe) + ".pth")
 
 
-def lora_path(out_dir: str, lora_name: str, hidden_size: int) -> str:
-    return os.path.join(out_dir, "lora", f"{lora_name}_{hidden_size}.pth")
+def lora_path(out_dir: str, lora_name: str, hidden_size: int, use_moe: bool = False) -> str:
+    return os.path.join(out_dir, "lora", run_name(lora_name, hidden_size, use_moe) + ".pth")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare MiniMind inside DDP or DeepSpeed (.module) and torch.compile (._orig_mod)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (the tied embedding / lm_head matrix counts once)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -58,11 +78,19 @@ def atomic_torch_save(obj, path: str) -> None:
         raise
 
 
+def atomic_write_text(text: str, path: str) -> None:
+    """Write a small text file atomically (temporary file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp_path, path)
+
+
 def half_precision_state_dict(model: torch.nn.Module) -> dict:
     """Weights as MiniMind releases them: fp16 on the CPU, no wrapper prefixes."""
-    model = getattr(model, "module", model)  # DDP / DeepSpeed wrap the model in .module
-    model = getattr(model, "_orig_mod", model)  # torch.compile wraps it in ._orig_mod
-    return {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu", torch.float16) for k, v in unwrap_model(model).state_dict().items()}
 
 
 def save_weights(model: torch.nn.Module, path: str) -> None:
@@ -101,11 +129,21 @@ def check_shapes(model: torch.nn.Module, state_dict: dict, path: str) -> None:
     raise ValueError("\n".join(lines))
 
 
-def guess_size_flags(state_dict: dict) -> str:
-    """Read hidden size, depth and MoE-ness back off a state dict, as a hint for the user."""
+def sizes_of_state_dict(state_dict: dict) -> dict | None:
+    """The size flags a MiniMind state dict was saved with, read off its weight names and shapes
+    (None when it is not a MiniMind state dict)."""
     if "model.embed_tokens.weight" not in state_dict:
+        return None
+    return {
+        "hidden_size": state_dict["model.embed_tokens.weight"].shape[1],
+        "num_hidden_layers": len({k.split(".")[2] for k in state_dict if k.startswith("model.layers.")}),
+        "use_moe": int(any(".mlp.experts." in k for k in state_dict)),
+    }
+
+
+def guess_size_flags(state_dict: dict) -> str:
+    """The size flags of a state dict as a hint for the user."""
+    sizes = sizes_of_state_dict(state_dict)
+    if sizes is None:
         return "the file does not look like a MiniMind checkpoint (no model.embed_tokens.weight)"
-    hidden = state_dict["model.embed_tokens.weight"].shape[1]
-    layers = len({k.split(".")[2] for k in state_dict if k.startswith("model.layers.")})
-    moe = any(".mlp.experts." in k for k in state_dict)
-    return f"the file was saved with --hidden_size {hidden} --num_hidden_layers {layers} --use_moe {int(moe)}"
+    return "the file was saved with " + " ".join(f"--{flag} {value}" for flag, value in sizes.items())

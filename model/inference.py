@@ -27,13 +27,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicCache
 
-from model.checkpoint import (SCRIPT_OF_STAGE, STAGE_OF_MODEL_MODE, config_from_sizes, load_weights,
-                              lora_path, read_state_dict, weight_path)
+from model.checkpoint import (REPO_ROOT, SCRIPT_OF_STAGE, STAGE_OF_MODEL_MODE, config_from_sizes,  # noqa: F401
+                              count_parameters, load_weights, lora_path, read_state_dict, sizes_of_state_dict,
+                              weight_path)
 from model.model_lora import apply_lora, load_lora, merge_lora
 from model.model_minimind import MiniMindForCausalLM  # also registers "minimind" with the Auto* classes
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TOKENIZER_DIR = REPO_ROOT / "model"
+DEFAULT_TOKENIZER_DIR = Path(REPO_ROOT) / "model"
 EOS_TOKEN_ID = 2  # <|im_end|>: a chat reply ends here
 
 
@@ -58,9 +58,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="0: native weights {out_dir}/{stage}_{hidden}{_moe}.pth, 1: a transformers folder (--hf_path)")
     group.add_argument("--model_mode", type=int, default=1, choices=sorted(STAGE_OF_MODEL_MODE),
                        help=f"which stage's weights to load: {modes}")
-    group.add_argument("--out_dir", default=str(REPO_ROOT / "out"), help="folder with the trained .pth files")
+    group.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "out"), help="folder with the trained .pth files")
     group.add_argument("--lora_name", default=None,
-                       help="LoRA adapter to add, read from {out_dir}/lora/{lora_name}_{hidden}.pth ('None' = none)")
+                       help="LoRA adapter to add, read from {out_dir}/lora/{lora_name}_{hidden}{_moe}.pth ('None' = none)")
     group.add_argument("--hf_path", default=None, help="transformers model folder for --load 1")
     group.add_argument("--tokenizer_path", default=None,
                        help="tokenizer folder (default: the --hf_path folder if it has one, else model/)")
@@ -148,7 +148,7 @@ def add_lora_adapter(model: torch.nn.Module, args) -> None:
     """Attach the adapter with the layers and rank its file was trained with, then fold it into
     the base weights (same output, and decoding runs without the adapter's extra matmuls)."""
     name = lora_name_of(args)
-    path = lora_path(args.out_dir, name, args.hidden_size)
+    path = lora_path(args.out_dir, name, args.hidden_size, bool(args.use_moe))
     if not os.path.isfile(path):
         raise ModelLoadError(missing_lora_message(path, name, args))
     saved = read_state_dict(path)
@@ -163,6 +163,7 @@ def add_lora_adapter(model: torch.nn.Module, args) -> None:
         raise ModelLoadError(f"{e}\n  (--hidden_size {args.hidden_size} --num_hidden_layers "
                              f"{args.num_hidden_layers} must be those of the model the adapter was trained on)") from e
     merge_lora(model)
+    model.lora_summary = f"LoRA adapter {name} (rank {rank}, {len(targets)} layers) from {path}, merged into the weights"
 
 
 def load_transformers_folder(hf_path: str | None) -> torch.nn.Module:
@@ -205,7 +206,7 @@ def missing_lora_message(path: str, name: str, args) -> str:
         f"no LoRA adapter at {path} (--lora_name {name}, --hidden_size {args.hidden_size})",
         describe_folder(os.path.join(args.out_dir, "lora"), ".pth"),
         f"create it with: python trainer/train_lora.py --lora_name {name} --hidden_size {args.hidden_size} "
-        f"--num_hidden_layers {args.num_hidden_layers}",
+        f"--num_hidden_layers {args.num_hidden_layers} --use_moe {int(args.use_moe)}",
     ])
 
 
@@ -220,19 +221,10 @@ def describe_folder(folder: str, suffix: str) -> str:
 
 def sizes_of_checkpoint(path: str) -> dict:
     """The size flags a MiniMind .pth was saved with, read off its weight names and shapes."""
-    state_dict = read_state_dict(path)
-    if "model.embed_tokens.weight" not in state_dict:
+    sizes = sizes_of_state_dict(read_state_dict(path))
+    if sizes is None:
         raise ModelLoadError(f"{path} is not a MiniMind checkpoint (no model.embed_tokens.weight)")
-    return {
-        "hidden_size": state_dict["model.embed_tokens.weight"].shape[1],
-        "num_hidden_layers": len({k.split(".")[2] for k in state_dict if k.startswith("model.layers.")}),
-        "use_moe": int(any(".mlp.experts." in k for k in state_dict)),
-    }
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Distinct parameters (the tied embedding / lm_head matrix counts once)."""
-    return sum(p.numel() for p in model.parameters())
+    return sizes
 
 
 # ----------------------------------------------------------------------------------------------

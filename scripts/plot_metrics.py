@@ -14,10 +14,17 @@ import math
 import os
 import sys
 
-import matplotlib
+if __package__ in (None, ""):  # run as a file: import from the repository root, not from scripts/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # render to a file; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+
+from model.checkpoint import SCRIPT_OF_STAGE  # noqa: E402
+
+STAGE_ORDER = list(SCRIPT_OF_STAGE)  # pretrain, full_sft, rlhf, reason, full_dist: the order a model goes through
 
 
 def parse_args(argv=None):
@@ -67,6 +74,15 @@ def run_label(path: str) -> str:
     return name[:-len("_metrics.jsonl")] if name.endswith("_metrics.jsonl") else name
 
 
+def in_stage_order(files: list[str]) -> list[str]:
+    """Runs of known stages in training order (pretrain first), then the others (LoRA adapters, ...)
+    in the order given; the legend lists them so."""
+    def stage_rank(path: str) -> int:
+        label = run_label(path)
+        return next((i for i, stage in enumerate(STAGE_ORDER) if label.startswith(stage + "_")), len(STAGE_ORDER))
+    return sorted(files, key=stage_rank)  # stable: ties keep their order
+
+
 def run_labels(files: list[str]) -> list[str]:
     """Run names from the file names; runs of the same name in different folders get the folder too."""
     labels = [run_label(path) for path in files]
@@ -86,7 +102,15 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def plot(runs: dict[str, list[dict]], out_path: str, smooth: int = 0) -> None:
-    fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(9, 7), sharex=False)
+    fig = make_figure(runs, smooth)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def make_figure(runs: dict[str, list[dict]], smooth: int = 0):
+    """Loss (top) and learning rate (bottom) of every run, one colour per run."""
+    fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(11, 7), sharex=False)
     for label, records in runs.items():
         finite = [r for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
         steps, losses = [r["step"] for r in finite], [r["loss"] for r in finite]
@@ -102,11 +126,10 @@ def plot(runs: dict[str, list[dict]], out_path: str, smooth: int = 0) -> None:
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     for ax in (loss_ax, lr_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        # beside the plot, not on it: the curves' right ends are what a reader looks at
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def default_out_path(files: list[str]) -> str:
@@ -117,7 +140,7 @@ def default_out_path(files: list[str]) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    files = metrics_files(args.paths)
+    files = in_stage_order(metrics_files(args.paths))
     runs = {label: read_metrics(path) for label, path in zip(run_labels(files), files)}
     out_path = args.out or default_out_path(files)
     plot(runs, out_path, args.smooth)

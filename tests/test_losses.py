@@ -11,8 +11,12 @@ import torch.nn.functional as F
 from trainer.train_distill_reason import REASONING_TAGS, tag_positions, tag_token_ids
 from trainer.train_distillation import distillation_kl
 from trainer.train_dpo import dpo_loss, sequence_log_probs
-from trainer.trainer_utils import (REPO_ROOT, StepBatchSampler, learning_rate_at, load_tokenizer,
-                                   masked_cross_entropy, parse_step_list)
+from model.checkpoint import REPO_ROOT
+from trainer.cli import parse_step_list
+from trainer.data_order import StepBatchSampler
+from trainer.losses import masked_cross_entropy
+from trainer.loop import learning_rate_at
+from trainer.stage import load_tokenizer
 
 
 def test_dpo_loss_matches_hand_computation():
@@ -144,6 +148,23 @@ def test_plot_metrics_writes_a_png_and_names_bad_lines(tmp_path):
     bad.write_text(json.dumps(records[0]) + "\n{not json\n")
     with pytest.raises(SystemExit, match=r"bad_metrics.jsonl:2"):
         plot_main([str(bad)])
+
+
+def test_plot_legend_lists_stages_in_training_order_beside_the_curves(tmp_path):
+    from scripts.plot_metrics import in_stage_order, make_figure, metrics_files, read_metrics, run_labels
+    for i, name in enumerate(["full_sft_64", "lora_identity_64", "pretrain_64", "reason_64", "rlhf_64"]):
+        (tmp_path / f"{name}_metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": 5.0 - i - s / 10, "lr": 1e-3}) + "\n" for s in range(1, 6)))
+    files = in_stage_order(metrics_files([str(tmp_path)]))
+    labels = run_labels(files)
+    assert labels == ["pretrain_64", "full_sft_64", "rlhf_64", "reason_64", "lora_identity_64"]
+    fig = make_figure({label: read_metrics(path) for label, path in zip(labels, files)})
+    fig.canvas.draw()
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        assert [t.get_text() for t in legend.get_texts()] == labels
+        renderer = fig.canvas.get_renderer()
+        assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # not over the curves
 
 
 def test_length_grouping_keeps_resume_and_rank_equivalence_and_cuts_padding():

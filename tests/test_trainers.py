@@ -108,8 +108,9 @@ def test_distillation_from_a_larger_teacher(chain):
 
 
 def test_missing_from_weight_names_the_script_that_makes_it(tmp_path):
+    from model.command_line import UserError
     from trainer.train_full_sft import main as sft_main
-    with pytest.raises(SystemExit, match=r"pretrain_64.pth not found.*python trainer/train_pretrain.py"):
+    with pytest.raises(UserError, match=r"pretrain_64.pth not found.*python trainer/train_pretrain.py"):
         sft_main([*TINY, *dirs(tmp_path), *FEW_STEPS])
 
 

@@ -13,14 +13,17 @@ Saves:  {out_dir}/reason_{hidden}{_moe}.pth
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a file: import from the repository root, not from trainer/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
 from dataset.lm_dataset import SFTDataset, pad_collate  # noqa: E402
-from trainer.trainer_utils import (Trainer, build_model, build_parser, finish_args, forward_batch,  # noqa: E402
-                                   init_runtime, load_tokenizer, log, masked_cross_entropy, run_stage, shutdown,
-                                   with_aux_loss)
+from trainer.cli import build_parser, finish_args  # noqa: E402
+from trainer.losses import forward_batch, masked_cross_entropy, with_aux_loss  # noqa: E402
+from trainer.loop import train  # noqa: E402
+from trainer.processes import log, training_processes  # noqa: E402
+from trainer.stage import build_model, load_tokenizer, run_stage  # noqa: E402
 
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -28,10 +31,10 @@ REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 def parse_args(argv=None):
     parser = build_parser("MiniMind reasoning distillation", epochs=1, batch_size=8, learning_rate=1e-6,
                           max_seq_len=1024, from_weight="rlhf")
-    parser.add_argument("--tag_weight", type=float, default=10.0,
-                        help="loss weight of the reasoning tags' tokens (other answer tokens weigh 1)")
-    return finish_args(parser.parse_args(argv), stage="reason", data_file="r1_mix_1024.jsonl",
-                       demo_file="r1_mix.jsonl")
+    parser.add_argument_group("reasoning distillation").add_argument(
+        "--tag_weight", type=float, default=10.0,
+        help="loss weight of the reasoning tags' tokens (other answer tokens weigh 1)")
+    return finish_args(parser, stage="reason", data_file="r1_mix_1024.jsonl", demo_file="r1_mix.jsonl", argv=argv)
 
 
 def tag_token_ids(tokenizer) -> list[list[int]]:
@@ -66,17 +69,13 @@ def make_reasoning_loss(tags: list[list[int]], tag_weight: float):
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime = init_runtime(args)
-    try:
+    with training_processes(args) as runtime:
         tokenizer = load_tokenizer()
         tags = tag_token_ids(tokenizer)
         log("reasoning tags as tokens: " + ", ".join(f"{t}={ids}" for t, ids in zip(REASONING_TAGS, tags)))
         model = build_model(args, args.from_weight)
         dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
-        loss_fn = make_reasoning_loss(tags, args.tag_weight)
-        return Trainer(args, runtime, model, dataset, pad_collate, loss_fn).fit()
-    finally:
-        shutdown(runtime)
+        return train(args, runtime, model, dataset, pad_collate, make_reasoning_loss(tags, args.tag_weight))
 
 
 if __name__ == "__main__":

@@ -15,29 +15,33 @@ Saves:  {out_dir}/full_dist_{hidden}{_moe}.pth
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a file: import from the repository root, not from trainer/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dataset.lm_dataset import SFTDataset, pad_collate  # noqa: E402
-from trainer.trainer_utils import (Trainer, build_model, build_parser, count_parameters, finish_args,  # noqa: E402
-                                   forward_batch, init_runtime, load_tokenizer, log, masked_cross_entropy,
-                                   run_stage, shutdown, with_aux_loss)
+from trainer.cli import build_parser, finish_args  # noqa: E402
+from trainer.losses import forward_batch, masked_cross_entropy, with_aux_loss  # noqa: E402
+from trainer.loop import train  # noqa: E402
+from trainer.processes import log, training_processes  # noqa: E402
+from trainer.reporting import describe_parameters  # noqa: E402
+from trainer.stage import build_model, load_tokenizer, run_stage  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = build_parser("MiniMind white-box distillation", epochs=6, batch_size=32, learning_rate=5e-6,
                           max_seq_len=512, from_weight="full_sft")
-    parser.add_argument("--teacher_hidden_size", type=int, default=768)
-    parser.add_argument("--teacher_num_hidden_layers", type=int, default=16)
-    parser.add_argument("--teacher_use_moe", type=int, default=0, choices=[0, 1])
-    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE; 1 - alpha goes to the KL")
-    parser.add_argument("--temperature", type=float, default=1.5, help="softmax temperature of the KL term")
-    args = finish_args(parser.parse_args(argv), stage="full_dist", data_file="sft_mini_512.jsonl",
-                       demo_file="sft.jsonl")
+    group = parser.add_argument_group("distillation")
+    group.add_argument("--teacher_hidden_size", type=int, default=768, help="the teacher's width")
+    group.add_argument("--teacher_num_hidden_layers", type=int, default=16, help="the teacher's depth")
+    group.add_argument("--teacher_use_moe", type=int, default=0, choices=[0, 1], help="1: the teacher is MoE")
+    group.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE; 1 - alpha goes to the KL")
+    group.add_argument("--temperature", type=float, default=1.5, help="softmax temperature of the KL term")
+    args = finish_args(parser, stage="full_dist", data_file="sft_mini_512.jsonl", demo_file="sft.jsonl", argv=argv)
     if not 0.0 <= args.alpha <= 1.0 or args.temperature <= 0:
-        raise SystemExit(f"--alpha must be in [0, 1] and --temperature > 0 (got {args.alpha}, {args.temperature})")
+        parser.error(f"--alpha must be in [0, 1] and --temperature > 0 (got {args.alpha}, {args.temperature})")
     return args
 
 
@@ -65,18 +69,15 @@ def make_distillation_loss(teacher: torch.nn.Module, alpha: float, temperature: 
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime = init_runtime(args)
-    try:
+    with training_processes(args) as runtime:
         teacher = build_model(args, "full_sft", hidden_size=args.teacher_hidden_size,
                               num_hidden_layers=args.teacher_num_hidden_layers, use_moe=bool(args.teacher_use_moe))
         teacher = teacher.to(runtime.device).eval().requires_grad_(False)
         student = build_model(args, args.from_weight)
-        log(f"teacher: {count_parameters(teacher)}; student: {count_parameters(student)}")
+        log(f"teacher: {describe_parameters(teacher)}; student: {describe_parameters(student)}")
         dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len)
-        loss_fn = make_distillation_loss(teacher, args.alpha, args.temperature)
-        return Trainer(args, runtime, student, dataset, pad_collate, loss_fn).fit()
-    finally:
-        shutdown(runtime)
+        return train(args, runtime, student, dataset, pad_collate,
+                     make_distillation_loss(teacher, args.alpha, args.temperature))
 
 
 if __name__ == "__main__":

@@ -16,14 +16,18 @@ Saves:  {out_dir}/rlhf_{hidden}{_moe}.pth
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a file: import from the repository root, not from trainer/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dataset.lm_dataset import DPODataset, dpo_collate  # noqa: E402
-from trainer.trainer_utils import (Trainer, build_model, build_parser, finish_args, init_runtime,  # noqa: E402
-                                   load_tokenizer, run_stage, shutdown, with_aux_loss)
+from trainer.cli import build_parser, finish_args  # noqa: E402
+from trainer.losses import with_aux_loss  # noqa: E402
+from trainer.loop import train  # noqa: E402
+from trainer.processes import training_processes  # noqa: E402
+from trainer.stage import build_model, load_tokenizer, run_stage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -31,8 +35,9 @@ def parse_args(argv=None):
     # (pass --learning_rate 4e-8 for MiniMind2's exact recipe).
     parser = build_parser("MiniMind DPO", epochs=2, batch_size=4, learning_rate=5e-7, max_seq_len=1024,
                           from_weight="full_sft")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature: how strongly to stay near the reference")
-    return finish_args(parser.parse_args(argv), stage="rlhf", data_file="dpo.jsonl", demo_file="dpo.jsonl")
+    parser.add_argument_group("DPO").add_argument(
+        "--beta", type=float, default=0.1, help="DPO temperature: how strongly to stay near the reference")
+    return finish_args(parser, stage="rlhf", data_file="dpo.jsonl", demo_file="dpo.jsonl", argv=argv)
 
 
 def sequence_log_probs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -82,15 +87,11 @@ def make_dpo_loss(reference: torch.nn.Module, beta: float):
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime = init_runtime(args)
-    try:
+    with training_processes(args) as runtime:
         policy = build_model(args, args.from_weight)
         reference = build_model(args, args.from_weight).to(runtime.device).eval().requires_grad_(False)
         dataset = DPODataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len)
-        loss_fn = make_dpo_loss(reference, args.beta)
-        return Trainer(args, runtime, policy, dataset, dpo_collate, loss_fn).fit()
-    finally:
-        shutdown(runtime)
+        return train(args, runtime, policy, dataset, dpo_collate, make_dpo_loss(reference, args.beta))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ low-rank adapters; only the adapters are trained and saved.
 Loads:  the base model, {out_dir}/full_sft_{hidden}{_moe}.pth by default (--from_weight)
 Data:   SFT-format lines, dataset/{lora_name}.jsonl (fallback: dataset/demo/{lora_name}.jsonl)
 Loss:   cross entropy on the assistant tokens, as in full SFT
-Saves:  {out_dir}/lora/{lora_name}_{hidden}.pth (the adapters only)
+Saves:  {out_dir}/lora/{lora_name}_{hidden}{_moe}.pth (the adapters only)
 
     python trainer/train_lora.py --lora_name lora_identity
     python trainer/train_lora.py --lora_name lora_medical
@@ -12,25 +12,31 @@ Saves:  {out_dir}/lora/{lora_name}_{hidden}.pth (the adapters only)
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a file: import from the repository root, not from trainer/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from dataset.lm_dataset import SFTDataset, pad_collate  # noqa: E402
-from model.checkpoint import lora_path  # noqa: E402
+from model.checkpoint import REPO_ROOT, lora_path, run_name  # noqa: E402
 from model.model_lora import apply_lora, mark_only_lora_trainable, save_lora  # noqa: E402
-from trainer.trainer_utils import (REPO_ROOT, Trainer, build_model, build_parser, finish_args,  # noqa: E402
-                                   init_runtime, language_model_loss, load_tokenizer, log, run_stage, shutdown)
+from trainer.checkpoints import run_files  # noqa: E402
+from trainer.cli import build_parser, finish_args  # noqa: E402
+from trainer.losses import language_model_loss  # noqa: E402
+from trainer.loop import train  # noqa: E402
+from trainer.processes import log, training_processes  # noqa: E402
+from trainer.stage import build_model, load_tokenizer, run_stage  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = build_parser("MiniMind LoRA fine-tuning", epochs=10, batch_size=32, learning_rate=1e-4,
                           max_seq_len=512, from_weight="full_sft")
-    parser.add_argument("--lora_name", default="lora_identity",
-                        help="adapter name: the data file dataset/<name>.jsonl and the output lora/<name>_<hidden>.pth")
-    parser.add_argument("--lora_rank", type=int, default=8, help="rank r of the B·A update")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora_name", default="lora_identity",
+                      help="adapter name: the data file dataset/<name>.jsonl and the output lora/<name>_<hidden>[_moe].pth")
+    lora.add_argument("--lora_rank", type=int, default=8, help="rank r of the B·A update")
     args = parser.parse_args(argv)
     has_demo = os.path.isfile(os.path.join(REPO_ROOT, "dataset", "demo", f"{args.lora_name}.jsonl"))
-    return finish_args(args, stage="lora", data_file=f"{args.lora_name}.jsonl",
-                       demo_file=f"{args.lora_name}.jsonl" if has_demo else "lora_identity.jsonl")
+    return finish_args(parser, stage="lora", data_file=f"{args.lora_name}.jsonl",
+                       demo_file=f"{args.lora_name}.jsonl" if has_demo else "lora_identity.jsonl", args=args)
 
 
 def add_adapters(model, rank: int) -> int:
@@ -47,17 +53,13 @@ def add_adapters(model, rank: int) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime = init_runtime(args)
-    try:
+    with training_processes(args) as runtime:
         model = build_model(args, args.from_weight)
         add_adapters(model, args.lora_rank)
         dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len)
-        trainer = Trainer(args, runtime, model, dataset, pad_collate, language_model_loss,
-                          name=f"{args.lora_name}_{args.hidden_size}",
-                          weights_file=lora_path(args.out_dir, args.lora_name, args.hidden_size), save_fn=save_lora)
-        return trainer.fit()
-    finally:
-        shutdown(runtime)
+        files = run_files(args, name=run_name(args.lora_name, args.hidden_size, args.use_moe), save_fn=save_lora,
+                          weights=lora_path(args.out_dir, args.lora_name, args.hidden_size, args.use_moe))
+        return train(args, runtime, model, dataset, pad_collate, language_model_loss, files)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""What a stage script calls around the loop: the model and tokenizer it trains, and the way its
+main() is run from the command line.
+
+    model = build_model(args, args.from_weight)   # random init or a stage's weights
+    tokenizer = load_tokenizer()
+    run_stage(main)                               # user errors: one line, exit 2; Ctrl-C: exit 130
+"""
+import os
+import sys
+
+from tqdm import tqdm
+
+from model.checkpoint import REPO_ROOT, SCRIPT_OF_STAGE, config_from_sizes, load_weights, weight_path
+from model.command_line import UserError
+from model.model_minimind import MiniMindForCausalLM
+from trainer.checkpoints import TrainingDiverged
+from trainer.processes import Interrupted, log, seed_everything
+
+EXIT_USER_ERROR = 2    # as argparse
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+def load_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "model"))
+
+
+def build_model(args, from_weight: str, hidden_size: int | None = None, num_hidden_layers: int | None = None,
+                use_moe: bool | None = None) -> MiniMindForCausalLM:
+    """A MiniMind of the flags' sizes (or the ones given), from random init or a stage's weights.
+
+    Every rank builds the same random init (seeded with --seed), so one process, DDP and
+    DeepSpeed all start from identical weights."""
+    hidden_size = hidden_size or args.hidden_size
+    num_hidden_layers = num_hidden_layers or args.num_hidden_layers
+    use_moe = bool(args.use_moe if use_moe is None else use_moe)
+    seed_everything(args.seed)
+    model = MiniMindForCausalLM(config_from_sizes(hidden_size, num_hidden_layers, use_moe))
+    if from_weight != "none":
+        path = weight_path(args.out_dir, from_weight, hidden_size, use_moe)
+        require_weights(path, from_weight, hidden_size, num_hidden_layers, use_moe)
+        try:
+            load_weights(model, path)
+        except ValueError as error:  # shapes that do not fit the size flags: the message names the right ones
+            raise UserError(f"--from_weight {from_weight}: {error}".replace("\n", " ")) from None
+        log(f"loaded {from_weight} weights from {path}")
+    return model
+
+
+def require_weights(path: str, stage: str, hidden_size: int, num_hidden_layers: int, use_moe: bool) -> None:
+    if os.path.isfile(path):
+        return
+    script = SCRIPT_OF_STAGE.get(stage, f"the script that trains the '{stage}' stage")
+    folder = os.path.dirname(path)
+    others = sorted(f for f in os.listdir(folder) if f.startswith(stage + "_") and f.endswith(".pth")) \
+        if os.path.isdir(folder) else []
+    raise UserError(
+        f"--from_weight {stage}: {path} not found. It is written by "
+        f"`python {script} --hidden_size {hidden_size} --num_hidden_layers {num_hidden_layers} "
+        f"--use_moe {int(use_moe)}` (run that stage first, with the same --out_dir), "
+        f"or pass --from_weight none to start from random weights."
+        + (f" Files of that stage in {folder}: {', '.join(others)}" if others else ""))
+
+
+def run_stage(main_fn) -> None:
+    """Run a stage's main() from the command line. Errors a user can fix (flags, files, bad data
+    lines, a diverged run) end with their message and exit code 2 instead of a traceback; Ctrl-C
+    or SIGTERM end with one line and exit code 130. Real bugs keep their traceback."""
+    from dataset.lm_dataset import DataFormatError
+    try:
+        main_fn()
+    except (UserError, TrainingDiverged, DataFormatError) as error:
+        tqdm.write(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except Interrupted as interrupted:
+        log(str(interrupted))  # the resume state and the weights are saved
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        log("interrupted before the first optimizer step or by a second Ctrl-C: nothing new was saved")
+        sys.exit(EXIT_INTERRUPTED)
