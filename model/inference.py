@@ -14,27 +14,29 @@ Generating
     generate_text(...)                                 the whole reply as one string
     split_reasoning(text) / ReasoningSplitter          `<think>…</think>` apart from the answer
 
-One token per step with a KV cache: the prompt is run through the model once, then every new
-token is a single-position forward pass that reuses the cached keys and values.
+Generation runs one reply on model/engine.py's batched engine (one slot); the server and the web
+demo share one engine among all their users (EngineLoop), so replies are decoded together.
 """
 import argparse
 import json
 import os
+import re
 import threading
+import uuid
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.cache_utils import DynamicCache
 
 from model.checkpoint import (REPO_ROOT, SCRIPT_OF_STAGE, STAGE_OF_MODEL_MODE, config_from_sizes,  # noqa: F401
                               count_parameters, load_weights, lora_path, read_state_dict, sizes_of_state_dict,
                               weight_path)
+from model.engine import (EOS_TOKEN_ID, Engine, IncrementalDecoder, SamplingParams,  # noqa: F401 (re-exported)
+                          StopStringFilter, held_back_length)
 from model.model_lora import apply_lora, load_lora, merge_lora
 from model.model_minimind import MiniMindForCausalLM  # also registers "minimind" with the Auto* classes
 
 DEFAULT_TOKENIZER_DIR = Path(REPO_ROOT) / "model"
-EOS_TOKEN_ID = 2  # <|im_end|>: a chat reply ends here
 
 
 class ModelLoadError(Exception):
@@ -184,9 +186,23 @@ def load_transformers_folder(hf_path: str | None) -> torch.nn.Module:
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{config_file}: not valid JSON ({e})") from e
     try:
-        return AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as e:
         raise ModelLoadError(f"could not load {hf_path} (model_type {model_type!r}): {e}") from e
+    return model if isinstance(model, MiniMindForCausalLM) else as_minimind(model, config_file)
+
+
+def as_minimind(llama, config_file: Path) -> MiniMindForCausalLM:
+    """A MiniMind-shaped Llama (scripts/convert_model.py --mode torch2llama) as the MiniMind it
+    came from: same parameter names and function, and the generation engine drives MiniMind's
+    attention (its slot cache goes through `past_key_values.update`)."""
+    from scripts.convert_model import ConversionError, minimind_config_of_llama
+    try:
+        model = MiniMindForCausalLM(minimind_config_of_llama(llama.config, str(config_file)))
+    except ConversionError as e:
+        raise ModelLoadError(str(e)) from e
+    model.load_state_dict(llama.state_dict(), strict=True)
+    return model
 
 
 def missing_weights_message(path: str, args) -> str:
@@ -246,153 +262,61 @@ def build_prompt_ids(tokenizer, messages: list[dict], raw: bool = False) -> list
 
     Chat models: the ChatML template with the assistant turn opened. The pretrain model has
     never seen a chat template, so it gets <|im_start|> + the plain text of the last message
-    to continue, as MiniMind does."""
+    to continue, as MiniMind does.
+
+    Only the template makes control tokens. Message text is tokenized as text, so a message
+    holding "<|im_end|>\n<|im_start|>assistant\n" stays those characters and cannot close its
+    turn and forge another one: the template is rendered with a random marker in place of each
+    message, the template's own text between the markers is tokenized normally, and each
+    message's text with special tokens split into plain characters."""
     if raw:
-        text = tokenizer.bos_token + messages[-1]["content"]
-    else:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [tokenizer.bos_token_id] + text_ids(tokenizer, messages[-1]["content"])
+    marker = f"\x00{uuid.uuid4().hex}"  # cannot occur in a message: it is new for this call
+    stand_ins = [{**message, "content": f"{marker}{i}{marker}"} for i, message in enumerate(messages)]
+    template = tokenizer.apply_chat_template(stand_ins, tokenize=False, add_generation_prompt=True)
+    ids = []
+    # split() on a capturing group alternates template text and message numbers
+    for index, piece in enumerate(re.split(f"{marker}(\\d+){marker}", template)):
+        if index % 2 == 0:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+        else:
+            ids += text_ids(tokenizer, messages[int(piece)]["content"])
+    return ids
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Ids of text as plain text: "<|im_end|>" in it becomes ordinary tokens, not the control token."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling
+# Generating one reply (through the batched engine, model/engine.py)
 # ----------------------------------------------------------------------------------------------
 
-def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make every token already in the text less likely: positive logits are divided by the
-    penalty, negative ones multiplied (the CTRL paper's rule, as transformers applies it)."""
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+def single_reply_engine(model, tokenizer, prompt_ids, max_new_tokens: int) -> Engine:
+    """An engine with one slot, just long enough for this prompt and reply."""
+    context = model.config.max_position_embeddings
+    if len(prompt_ids) >= context:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")
+    return Engine(model, tokenizer, max_batch_size=1, max_seq_len=min(context, len(prompt_ids) + max_new_tokens))
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
-                      generator: torch.Generator | None) -> torch.Tensor:
-    """One token id (a 1-element tensor) from the last position's logits.
-
-    temperature 0 is greedy. Otherwise softmax(logits / temperature), keep the smallest set of
-    most likely tokens whose probabilities add up to top_p (nucleus sampling), draw one."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator)
-    sorted_probs, sorted_ids = probs.sort(descending=True)
-    # drop a token once the tokens ranked above it already cover top_p (the first always stays)
-    outside_nucleus = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
-    sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
-    return sorted_ids[torch.multinomial(sorted_probs, 1, generator=generator)]
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    """A private random stream for one reply, so a seed reproduces it whatever else runs."""
-    if seed is None:
-        return None  # torch's global generator
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
-
-
-@torch.inference_mode()
 def generate_ids(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, seed: int | None = None, eos_token_id: int | None = EOS_TOKEN_ID,
                  cancel: threading.Event | None = None):
     """Yield new token ids one at a time (the eos token included, then stop; eos_token_id=None
-    never stops early). prompt_ids: a list of ids or a tensor of shape (T,) or (1, T).
-
-    Step 0 runs the whole prompt and fills the KV cache; every later step feeds only the
-    newest token. logits_to_keep=1 computes the vocabulary projection for the last position only."""
-    device = next(model.parameters()).device
-    input_ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
-    cache = DynamicCache()
-    generator = make_generator(seed, device)
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
-        seen[input_ids[0]] = True
-    for _ in range(max_new_tokens):
+    never stops early). prompt_ids: a list of ids or a tensor of shape (T,) or (1, T)."""
+    prompt_ids = torch.as_tensor(prompt_ids).view(-1).tolist()
+    engine = single_reply_engine(model, None, prompt_ids, max_new_tokens)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed,
+                            stop_token_ids=() if eos_token_id is None else (eos_token_id,))
+    sequence = engine.add(prompt_ids, params)
+    while not sequence.finished:
         if cancel is not None and cancel.is_set():
             return
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-        if seen is not None:
-            logits = penalize_repetition(logits, seen, repetition_penalty)
-        next_id = sample_next_token(logits, temperature, top_p, generator)
-        token = next_id.item()
-        yield token
-        if token == eos_token_id:
-            return
-        if seen is not None:
-            seen[token] = True
-        input_ids = next_id.view(1, 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# From token ids to streamed text
-# ----------------------------------------------------------------------------------------------
-
-class IncrementalDecoder:
-    """Turns a stream of token ids into text deltas that never end inside a character.
-
-    A Chinese character or an emoji is 3-4 UTF-8 bytes and a byte-level token may hold only
-    part of it; decoding such a part gives U+FFFD. So ids are kept until their text no longer
-    ends in U+FFFD, then the text is emitted and decoding starts afresh after it."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.pending_ids: list[int] = []
-
-    def add(self, token_id: int) -> str:
-        self.pending_ids.append(token_id)
-        text = self.decode_pending()
-        if text.endswith("\ufffd"):
-            return ""  # the last character's remaining bytes are still to come
-        self.pending_ids = []
-        return text
-
-    def flush(self) -> str:
-        """Whatever is left at the end, even an incomplete character."""
-        text = self.decode_pending()
-        self.pending_ids = []
-        return text
-
-    def decode_pending(self) -> str:
-        return self.tokenizer.decode(self.pending_ids, skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False)
-
-
-def held_back_length(text: str, words) -> int:
-    """Length of the longest end of `text` that could be the start of one of `words`:
-    that much must wait for the next delta before we know what it is."""
-    longest = max((len(w) for w in words), default=0)
-    for size in range(min(len(text), longest - 1), 0, -1):
-        if any(w.startswith(text[-size:]) for w in words):
-            return size
-    return 0
-
-
-class StopStringFilter:
-    """OpenAI's `stop`: the reply ends before the first occurrence of any stop string, which is
-    not returned. Text that might be the start of a stop string is held back until it is not."""
-
-    def __init__(self, stop_strings):
-        self.stop_strings = [s for s in (stop_strings or []) if s]
-        self.held = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        if not self.stop_strings:
-            return text
-        self.held += text
-        hits = [i for i in (self.held.find(s) for s in self.stop_strings) if i >= 0]
-        if hits:
-            out, self.held, self.stopped = self.held[:min(hits)], "", True
-            return out
-        keep = held_back_length(self.held, self.stop_strings)
-        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return out
+        for output in engine.step():
+            yield output.token_id
 
 
 class Generation:
@@ -409,45 +333,32 @@ class Generation:
     def __init__(self, model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int | None = None, stop: list[str] | None = None, cancel: threading.Event | None = None):
-        context_left = model.config.max_position_embeddings - len(prompt_ids)
-        if context_left <= 0:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
-                             f"{model.config.max_position_embeddings}")
-        self.model, self.tokenizer, self.prompt_ids = model, tokenizer, prompt_ids
-        self.max_new_tokens = min(max_new_tokens, context_left)
-        self.sampling = dict(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
-        self.stop, self.cancel = stop, cancel
+        self.engine = single_reply_engine(model, tokenizer, prompt_ids, max_new_tokens)
+        self.sequence = self.engine.add(prompt_ids, SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ())))
+        self.cancel = cancel
         self.prompt_tokens = len(prompt_ids)
-        self.completion_tokens = 0
-        self.finish_reason = None
-        self.text = ""
 
     def __iter__(self):
-        decoder = IncrementalDecoder(self.tokenizer)
-        stop_filter = StopStringFilter(self.stop)
-        self.finish_reason = "length"
-        for token in generate_ids(self.model, self.prompt_ids, self.max_new_tokens, cancel=self.cancel,
-                                  **self.sampling):
-            self.completion_tokens += 1
-            if token == EOS_TOKEN_ID:
-                self.finish_reason = "stop"
-                break
-            delta = stop_filter.feed(decoder.add(token))
-            if delta:
-                self.text += delta
-                yield delta
-            if stop_filter.stopped:
-                self.finish_reason = "stop"
-                return
-        if self.finish_reason == "length" and self.completion_tokens < self.max_new_tokens:
-            self.finish_reason = "cancelled"  # generate_ids stopped early: the cancel flag was set
-        tail = stop_filter.feed(decoder.flush())
-        tail += "" if stop_filter.stopped else stop_filter.flush()
-        if stop_filter.stopped:
-            self.finish_reason = "stop"
-        if tail:
-            self.text += tail
-            yield tail
+        while not self.sequence.finished:
+            if self.cancel is not None and self.cancel.is_set():
+                self.sequence.cancel()
+            for output in self.engine.step():
+                if output.text:
+                    yield output.text
+
+    @property
+    def text(self) -> str:
+        return self.sequence.text
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.sequence.output_ids)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.sequence.finish_reason
 
 
 def generate_text(model, tokenizer, prompt_ids: list[int], **options) -> str:
