@@ -151,6 +151,7 @@ class Sequence:
         self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
         self.stop_filter = StopStringFilter(params.stop)
         self.slot: int | None = None  # which cache slot it occupies while running
+        self.started = time.perf_counter()
         self.on_output = None  # EngineLoop: called with each StepOutput of this sequence
         self.error: Exception | None = None  # EngineLoop: why a step failed (finish_reason "error")
 
@@ -668,14 +669,18 @@ class EngineLoop:
             with self.wakeup:
                 while not self.inbox and not self.engine.has_work():
                     self.wakeup.wait()
-                for sequences in self.inbox:
-                    for sequence in sequences:
-                        self.engine.queue(sequence)
+                submitted = [sequence for sequences in self.inbox for sequence in sequences]
                 self.inbox, self.inbox_size = [], 0
+            outputs = []
+            for sequence in submitted:
+                try:
+                    self.engine.queue(sequence)
+                except ValueError as error:  # too long for the engine: this sequence alone fails
+                    outputs.append(self.fail(sequence, error))
             try:
-                outputs = self.engine.step()
+                outputs += self.engine.step()
             except Exception as error:  # every running sequence gets the error; the loop goes on
-                outputs = self.fail_all(error)
+                outputs += self.fail_all(error)
             for output in outputs:
                 output.sequence.on_output(output)
 
@@ -683,9 +688,9 @@ class EngineLoop:
         engine = self.engine
         failed = list(engine.rows) + list(engine.waiting)
         engine.rows, engine.waiting = [], deque()
-        outputs = []
-        for sequence in failed:
-            sequence.finish_reason = "error"
-            sequence.error = error
-            outputs.append(StepOutput(sequence, None, "", finish_reason="error"))
-        return outputs
+        return [self.fail(sequence, error) for sequence in failed]
+
+    @staticmethod
+    def fail(sequence: Sequence, error: Exception) -> StepOutput:
+        sequence.finish_reason, sequence.error = "error", error
+        return StepOutput(sequence, None, "", finish_reason="error")

@@ -37,6 +37,9 @@ from model.model_lora import apply_lora, load_lora, merge_lora
 from model.model_minimind import MiniMindForCausalLM  # also registers "minimind" with the Auto* classes
 
 DEFAULT_TOKENIZER_DIR = Path(REPO_ROOT) / "model"
+# A fast tokenizer switches special-token splitting on and off around each encode call (state
+# shared by all threads), so encodes that differ in it must not overlap.
+ENCODE_LOCK = threading.RLock()
 
 
 class ModelLoadError(Exception):
@@ -269,8 +272,13 @@ def build_prompt_ids(tokenizer, messages: list[dict], raw: bool = False) -> list
     turn and forge another one: the template is rendered with a random marker in place of each
     message, the template's own text between the markers is tokenized normally, and each
     message's text with special tokens split into plain characters."""
-    if raw:
-        return [tokenizer.bos_token_id] + text_ids(tokenizer, messages[-1]["content"])
+    with ENCODE_LOCK:
+        if raw:
+            return [tokenizer.bos_token_id] + text_ids(tokenizer, messages[-1]["content"])
+        return chat_prompt_ids(tokenizer, messages)
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     marker = f"\x00{uuid.uuid4().hex}"  # cannot occur in a message: it is new for this call
     stand_ins = [{**message, "content": f"{marker}{i}{marker}"} for i, message in enumerate(messages)]
     template = tokenizer.apply_chat_template(stand_ins, tokenize=False, add_generation_prompt=True)
@@ -286,7 +294,8 @@ def build_prompt_ids(tokenizer, messages: list[dict], raw: bool = False) -> list
 
 def text_ids(tokenizer, text: str) -> list[int]:
     """Ids of text as plain text: "<|im_end|>" in it becomes ordinary tokens, not the control token."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+    with ENCODE_LOCK:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
 
 # ----------------------------------------------------------------------------------------------

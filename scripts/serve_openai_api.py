@@ -3,14 +3,18 @@
     python scripts/serve_openai_api.py --model_mode 1            # http://127.0.0.1:8998/v1
     python scripts/serve_openai_api.py --api_key sk-local-secret  # require "Authorization: Bearer ..."
 
-Any OpenAI client works against it (the `openai` SDK, Open-WebUI, FastGPT, Dify, curl):
-    POST /v1/chat/completions   model, messages, temperature, top_p, max_tokens, stream, stop, seed
-    GET  /v1/models
+Any OpenAI client works against it (the `openai` SDK, Open-WebUI, FastGPT, Dify, curl,
+lm-evaluation-harness's local-completions):
+    POST /v1/chat/completions   messages, n, temperature, top_p, max_tokens, stream, stop, seed,
+                                presence/frequency_penalty, logprobs, top_logprobs
+    POST /v1/completions        the legacy API: prompt (text, token ids, or a list), echo, logprobs
+    GET  /v1/models, GET /health
 
-How it stays responsive: one worker thread owns the model and the tokenizer and runs one
-generation at a time (requests queue up in arrival order, so replies never mix); the event loop
-only moves text from that thread to the clients. A client that goes away sets a cancel flag that
-the worker checks before every token.
+How it serves many clients at once (continuous batching): every request is checked and
+tokenized as it arrives, then handed to one engine thread (model/engine.py's EngineLoop) that
+decodes all running replies together, one token each per step. A new request joins at the next
+step and leaves when its reply ends or its client disconnects. At most --max_batch_size replies
+run together; up to --max_queue more wait, and beyond that a request is answered 429.
 """
 import argparse
 import asyncio
@@ -19,11 +23,10 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,13 +35,17 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from model.inference import (Generation, ModelLoadError, ReasoningSplitter, add_model_args, build_prompt_ids,
+from model.engine import Engine, EngineLoop, IncrementalDecoder, QueueFull, SamplingParams, StepOutput
+from model.inference import (ENCODE_LOCK, ModelLoadError, ReasoningSplitter, add_model_args, build_prompt_ids,
                              load_model)
 
 log = logging.getLogger("uvicorn.error")  # uvicorn prints this logger's lines next to its own
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its legacy API allows 5; we allow 20 there too)
+DEFAULT_CONTEXT_LENGTH = 512  # the trainers' --max_seq_len: what the models have seen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,27 +58,52 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
-def error_response(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading and checking a request
 # ----------------------------------------------------------------------------------------------
 
+# Fields that are part of OpenAI's API but not implemented here: a request that uses them gets
+# 400 rather than a reply that silently ignores what it asked for. (null / empty values pass.)
+UNSUPPORTED = {
+    "logit_bias": "logit_bias is not supported",
+    "tools": "tool calling is not supported by this server",
+    "tool_choice": "tool calling is not supported by this server",
+    "functions": "function calling is not supported by this server",
+    "function_call": "function calling is not supported by this server",
+    "audio": "audio output is not supported (this model reads and writes text)",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "suffix": "suffix (insertion) is not supported",
+}
+# Fields that only describe the caller or how OpenAI stores requests: accepted, no effect on the reply.
+NO_EFFECT = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+CHAT_FIELDS = {"model", "messages", "n", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+               "temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
+               "seed", "logprobs", "top_logprobs", "response_format", "modalities"}
+COMPLETION_FIELDS = {"model", "prompt", "n", "best_of", "stream", "stream_options", "max_tokens", "temperature",
+                     "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "seed",
+                     "logprobs", "echo"}
+
+
 @dataclass
-class ChatRequest:
-    messages: list[dict]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    repetition_penalty: float
+class GenerationRequest:
+    """What a chat or completions request asks for, checked; prompts filled in after tokenization."""
+    params: SamplingParams
+    n: int
     stream: bool
     include_usage: bool
-    stop: list[str]
-    seed: int | None
+    max_tokens_given: bool
+    messages: list[dict] = field(default_factory=list)  # chat
+    prompts: list = field(default_factory=list)  # completions: strings or token-id lists
+    echo: bool = False
 
 
 def parse_json_body(raw: bytes) -> dict:
@@ -82,6 +114,16 @@ def parse_json_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}", code="invalid_json")
     return body
+
+
+def check_fields(body: dict, known: set[str]) -> None:
+    for name, value in body.items():
+        if name in NO_EFFECT or value in (None, [], {}):
+            continue
+        if name in UNSUPPORTED:
+            raise APIError(400, f"'{name}': {UNSUPPORTED[name]}", param=name, code="unsupported_parameter")
+        if name not in known:
+            raise APIError(400, f"unrecognized request argument: '{name}'", param=name, code="unknown_parameter")
 
 
 def number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
@@ -96,6 +138,15 @@ def number(body: dict, name: str, default, low: float, high: float, integer: boo
     if not low <= value <= high:
         raise APIError(400, f"'{name}' must be between {low} and {high}, got {value}", param=name,
                        code="invalid_value")
+    return value
+
+
+def flag(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be true or false", param=name, code="invalid_type")
     return value
 
 
@@ -138,218 +189,438 @@ def parse_messages(messages) -> list[dict]:
     return checked
 
 
-def parse_stop(stop) -> list[str]:
+def parse_stop(stop) -> tuple[str, ...]:
     if stop is None:
-        return []
+        return ()
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
                        param="stop", code="invalid_value")
-    return stops
+    return tuple(stops)
 
 
-def parse_chat_request(body: dict, settings) -> ChatRequest:
+def parse_common(body: dict, settings, logprobs: bool, top_logprobs: int, min_tokens: int = 1,
+                 token_field: str = "max_tokens", default_max_tokens: int | None = None) -> GenerationRequest:
+    """The sampling fields both APIs share."""
     if not isinstance(body.get("model"), str):
         raise APIError(400, "'model' is required (a string; GET /v1/models lists this server's model)",
                        param="model", code="missing_required_parameter")
-    if body.get("n") not in (None, 1):
-        raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be true or false", param="stream", code="invalid_type")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
-    # max_completion_tokens is the newer name of max_tokens
-    token_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return ChatRequest(
-        messages=parse_messages(body.get("messages")),
-        max_tokens=number(body, token_field, settings.max_tokens, 1, settings.context_length, integer=True),
+    n = number(body, "n", 1, 1, settings.max_batch_size, integer=True)
+    max_tokens = number(body, token_field, None, min_tokens, settings.context_length, integer=True)
+    params = SamplingParams(
+        max_tokens=settings.max_tokens if max_tokens is None else max_tokens,
         temperature=number(body, "temperature", settings.temperature, 0.0, 2.0),
         top_p=number(body, "top_p", settings.top_p, 0.0, 1.0),
         repetition_penalty=number(body, "repetition_penalty", 1.0, 0.01, 10.0),
-        stream=stream,
-        include_usage=bool(stream_options.get("include_usage")),
-        stop=parse_stop(body.get("stop")),
+        presence_penalty=number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         seed=number(body, "seed", None, -2**63, 2**63 - 1, integer=True),
-    )
+        stop=parse_stop(body.get("stop")),
+        logprobs=logprobs, top_logprobs=top_logprobs)
+    return GenerationRequest(params=params, n=n, stream=flag(body, "stream"),
+                             include_usage=bool(stream_options.get("include_usage")),
+                             max_tokens_given=max_tokens is not None)
+
+
+def parse_chat_request(body: dict, settings) -> GenerationRequest:
+    check_fields(body, CHAT_FIELDS)
+    response_format = body.get("response_format")
+    if response_format not in (None, {}) and response_format != {"type": "text"}:
+        raise APIError(400, "'response_format': only {\"type\": \"text\"} is supported (no JSON mode or schemas)",
+                       param="response_format", code="unsupported_parameter")
+    if body.get("modalities") not in (None, [], ["text"]):
+        raise APIError(400, "'modalities': only [\"text\"] is supported", param="modalities",
+                       code="unsupported_parameter")
+    logprobs = flag(body, "logprobs")
+    top_logprobs = number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top_logprobs and not logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    # max_completion_tokens is the newer name of max_tokens
+    token_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    request = parse_common(body, settings, logprobs, top_logprobs, token_field=token_field)
+    request.messages = parse_messages(body.get("messages"))
+    return request
+
+
+def parse_completion_request(body: dict, settings) -> GenerationRequest:
+    check_fields(body, COMPLETION_FIELDS)
+    echo = flag(body, "echo")
+    top_logprobs = number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if body.get("best_of") not in (None, body.get("n", 1)):
+        raise APIError(400, "'best_of' other than n is not supported", param="best_of", code="unsupported_parameter")
+    request = parse_common(body, settings, logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0,
+                           min_tokens=0 if echo else 1)
+    if not request.max_tokens_given:
+        request.params.max_tokens = 16  # OpenAI's default for this API
+    if echo and request.stream:
+        raise APIError(400, "'echo' together with 'stream' is not supported", param="echo",
+                       code="unsupported_parameter")
+    request.echo = echo
+    request.params.prompt_logprobs = echo and top_logprobs is not None
+    request.prompts = parse_prompts(body.get("prompt"), settings.vocab_size)
+    return request
+
+
+def parse_prompts(prompt, vocab_size: int) -> list:
+    """'prompt' is a string, a list of strings, a list of token ids, or a list of such lists."""
+    def is_ids(value):
+        return isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in value)
+
+    if isinstance(prompt, str) or is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                            "token-id lists (none empty)", param="prompt", code="invalid_value")
+    for i, p in enumerate(prompts):
+        if isinstance(p, list) and not all(0 <= t < vocab_size for t in p):
+            raise APIError(400, f"prompt {i} holds a token id outside 0..{vocab_size - 1}", param="prompt",
+                           code="invalid_value")
+        if p == "":
+            raise APIError(400, f"prompt {i} is empty", param="prompt", code="invalid_value")
+    return prompts
+
+
+def replies_params(request: GenerationRequest) -> list[SamplingParams]:
+    """One SamplingParams per reply: n replies to one prompt get seeds seed, seed+1, ... so they
+    differ from each other and each is reproducible."""
+    params = []
+    for i in range(request.n):
+        seed = None if request.params.seed is None else request.params.seed + i
+        params.append(SamplingParams(**{**vars(request.params), "seed": seed}))
+    return params
 
 
 # ----------------------------------------------------------------------------------------------
-# The model worker: one thread, one generation at a time
+# Tokens in OpenAI's logprobs shapes
 # ----------------------------------------------------------------------------------------------
 
-class ModelWorker:
-    """Owns the model and the tokenizer. Every use of either runs on its single thread, which
-    serialises generations (no interleaving) and keeps the tokenizer out of concurrent use."""
+BYTE_OF_CHARACTER = {character: byte for byte, character in bytes_to_unicode().items()}
 
-    def __init__(self, model, tokenizer, raw_prompts: bool, context_length: int):
-        self.model, self.tokenizer = model, tokenizer
-        self.raw_prompts = raw_prompts  # the pretrain model continues text instead of chatting
-        self.context_length = context_length
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minimind-generate")
 
-    async def prompt_ids(self, messages: list[dict]) -> list[int]:
-        loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self.executor, build_prompt_ids, self.tokenizer, messages, self.raw_prompts)
-        if len(ids) >= self.context_length:
-            raise APIError(400, f"the prompt is {len(ids)} tokens long; this model's context is {self.context_length} "
-                                f"tokens. Send fewer or shorter messages.", param="messages",
-                           code="context_length_exceeded")
+class TokenTexts:
+    """A token's bytes and its text as the OpenAI APIs show it (a token holding part of a
+    UTF-8 character shows as "bytes:\\xe4\\xbd", as OpenAI does)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.bytes_of = lru_cache(maxsize=None)(self.token_bytes)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if token_id in self.special_ids or not all(c in BYTE_OF_CHARACTER for c in piece):
+            return piece.encode("utf-8")
+        return bytes(BYTE_OF_CHARACTER[c] for c in piece)  # byte-level BPE: one character per byte
+
+    def text(self, token_id: int) -> str:
+        raw = self.bytes_of(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def chat_entry(self, token_id: int, logprob: float, top=None) -> dict:
+        entry = {"token": self.text(token_id), "logprob": logprob, "bytes": list(self.bytes_of(token_id))}
+        if top is not None:
+            entry["top_logprobs"] = [self.chat_entry(t, lp) for t, lp in top]
+        return entry
+
+    def top_dict(self, top) -> dict:
+        return {self.text(t): lp for t, lp in top}
+
+
+# ----------------------------------------------------------------------------------------------
+# The bridge between the engine thread and the event loop
+# ----------------------------------------------------------------------------------------------
+
+class Server:
+    """Owns the engine loop and the tokenizer; one per app."""
+
+    def __init__(self, engine_loop: EngineLoop, tokenizer, settings):
+        self.engine_loop, self.tokenizer, self.settings = engine_loop, tokenizer, settings
+        self.raw_prompts = settings.model_mode == 0  # the pretrain model continues text instead of chatting
+        self.tokens = TokenTexts(tokenizer)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        ids = build_prompt_ids(self.tokenizer, messages, self.raw_prompts)
+        self.check_length(ids, "messages", "Send fewer or shorter messages.")
         return ids
 
-    async def stream(self, request_id: str, prompt_ids: list[int], req: ChatRequest, cancel: threading.Event):
-        """Yield text deltas as the worker produces them, then the finished Generation.
-        Setting `cancel` (or leaving the loop early) stops the generation before its next token."""
+    def completion_prompt_ids(self, prompt, echo: bool) -> list[int]:
+        """A completions prompt is raw model input: a string's special tokens are recognised (as
+        vLLM does); no bos token is added (send it yourself, as lm-evaluation-harness does)."""
+        if isinstance(prompt, list):
+            ids = prompt
+        else:
+            with ENCODE_LOCK:
+                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        self.check_length(ids, "prompt", "Send a shorter prompt.", allow_full=echo)
+        return ids
+
+    def check_length(self, ids: list[int], param: str, advice: str, allow_full: bool = False) -> None:
+        context = self.settings.context_length
+        if len(ids) > context or (len(ids) == context and not allow_full):
+            raise APIError(400, f"the prompt is {len(ids)} tokens long; this server's context is {context} tokens "
+                                f"(--context_length). {advice}", param=param, code="context_length_exceeded")
+
+    def start(self, prompt_ids: list[int], request: GenerationRequest, queue: asyncio.Queue, replies: list):
+        """Queue n replies to one prompt; their outputs arrive on `queue`. Raises 429 when full."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        params = replies_params(request)
 
-        def put(item):
+        def on_output(output: StepOutput):  # runs on the engine thread
+            if output.finish_reason is not None:
+                log_reply(output)  # here, not in the request: a client that left reads nothing more
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(queue.put_nowait, output)
             except RuntimeError:  # the event loop is gone (server shutting down)
-                cancel.set()
+                output.sequence.cancel()
 
-        def produce():
-            try:
-                started = time.perf_counter()
-                generation = Generation(
-                    self.model, self.tokenizer, prompt_ids,
-                    max_new_tokens=min(req.max_tokens, self.context_length - len(prompt_ids)),
-                    temperature=req.temperature, top_p=req.top_p, repetition_penalty=req.repetition_penalty,
-                    seed=req.seed, stop=req.stop, cancel=cancel)
-                for delta in generation:
-                    put(delta)
-                log_generation(request_id, generation, time.perf_counter() - started)
-                put(generation)
-            except Exception as e:  # handed to the request, which answers 500
-                put(e)
-
-        self.executor.submit(produce)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                if isinstance(item, Generation):
-                    return
-        finally:
-            cancel.set()  # the client left (or we are done): stop before the next token
+            replies += self.engine_loop.submit(prompt_ids, params, on_output)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}; retry later", code="rate_limit_exceeded",
+                           kind="rate_limit_error") from e
 
 
-def log_generation(request_id: str, generation: Generation, seconds: float) -> None:
-    if generation.finish_reason == "cancelled":
-        log.info("%s: client disconnected, generation stopped after %d tokens", request_id,
-                 generation.completion_tokens)
-        return
-    speed = generation.completion_tokens / seconds if seconds > 0 else 0.0
-    log.info("%s: %d prompt + %d completion tokens, finish_reason=%s, %.2f s (%.1f tokens/s)", request_id,
-             generation.prompt_tokens, generation.completion_tokens, generation.finish_reason, seconds, speed)
+async def outputs_until_done(queue: asyncio.Queue, replies: list):
+    """Yield StepOutputs until every reply has finished; cancel them all if the consumer leaves
+    (a client that disconnects closes the response, which closes this generator)."""
+    try:
+        unfinished = len(replies)
+        while unfinished:
+            output = await queue.get()
+            if output.finish_reason is not None:
+                unfinished -= 1
+            yield output
+    finally:
+        for sequence in replies:
+            sequence.cancel()
 
 
-# ----------------------------------------------------------------------------------------------
-# Responses in OpenAI's shapes
-# ----------------------------------------------------------------------------------------------
+def log_reply(output: StepOutput) -> None:
+    sequence = output.sequence
+    if output.finish_reason == "cancelled":
+        log.info("client disconnected, generation stopped after %d tokens", len(sequence.output_ids))
+    elif output.finish_reason == "error":
+        log.error("generation failed: %r", sequence.error)
+    else:
+        seconds = time.perf_counter() - sequence.started
+        log.info("%d prompt + %d completion tokens, finish_reason=%s, %.2f s (%.1f tokens/s)",
+                 len(sequence.prompt_ids), len(sequence.output_ids), output.finish_reason, seconds,
+                 len(sequence.output_ids) / seconds if seconds > 0 else 0.0)
 
-def usage_of(generation: Generation) -> dict:
-    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens}
+
+def engine_error(output: StepOutput) -> APIError:
+    return APIError(500, f"generation failed: {output.sequence.error}", code="engine_error", kind="server_error")
 
 
-def chunk(request_id: str, created: int, model_name: str, delta: dict, finish_reason=None, include_usage=False) -> str:
-    """One server-sent event of a streamed reply: a chat.completion.chunk object."""
-    body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-    if include_usage:
-        body["usage"] = None  # OpenAI sends usage null on every chunk but the extra last one
+def usage(prompt_tokens: int, replies: list) -> dict:
+    completion = sum(len(s.output_ids) for s in replies)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(worker: ModelWorker, request_id: str, model_name: str, prompt_ids: list[int],
-                        req: ChatRequest):
-    """The SSE body: a role chunk, content / reasoning_content chunks, a finish chunk, [DONE]."""
-    created = int(time.time())
-    yield chunk(request_id, created, model_name, {"role": "assistant", "content": ""}, include_usage=req.include_usage)
-    splitter = ReasoningSplitter()
-    # a client that hangs up cancels this generator (Starlette watches the connection), which
-    # runs the stream's `finally` and so sets the cancel flag
-    async for item in worker.stream(request_id, prompt_ids, req, threading.Event()):
-        if isinstance(item, Generation):
-            pieces = splitter.flush()
-        else:
-            pieces = splitter.feed(item)
+# ----------------------------------------------------------------------------------------------
+# Chat completions
+# ----------------------------------------------------------------------------------------------
+
+class ChatChoice:
+    """One reply's text split into reasoning and answer, and its logprobs entries."""
+
+    def __init__(self):
+        self.splitter = ReasoningSplitter()
+        self.parts = {"reasoning": "", "content": ""}
+        self.logprobs: list[dict] = []
+
+    def add(self, output: StepOutput, tokens: TokenTexts) -> tuple[list, list]:
+        """(pieces of text now certain as (kind, text), logprobs entries) for this output."""
+        entries = []
+        stop_token = output.token_id in output.sequence.params.stop_token_ids  # OpenAI leaves it out
+        if output.token_id is not None and output.logprob is not None and not stop_token:
+            top = output.top_logprobs if output.sequence.params.top_logprobs else []
+            entries.append(tokens.chat_entry(output.token_id, output.logprob, top))
+        pieces = self.splitter.feed(output.text)
+        if output.finish_reason is not None:
+            pieces += self.splitter.flush()
         for kind, text in pieces:
-            field = "reasoning_content" if kind == "reasoning" else "content"
-            yield chunk(request_id, created, model_name, {field: text}, include_usage=req.include_usage)
-        if isinstance(item, Generation):
-            yield chunk(request_id, created, model_name, {}, item.finish_reason, include_usage=req.include_usage)
-            if req.include_usage:
-                final = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                         "system_fingerprint": None, "choices": [], "usage": usage_of(item)}
-                yield f"data: {json.dumps(final)}\n\n"
+            self.parts[kind] += text
+        self.logprobs += entries
+        return pieces, entries
+
+
+async def chat_stream(server: Server, queue, replies, request_id: str, model_name: str, prompt_tokens: int,
+                      request: GenerationRequest):
+    """The SSE body: a role chunk per choice, content / reasoning_content chunks, a finish chunk
+    per choice, the usage chunk when asked for, then [DONE]. An engine error ends the stream
+    with an error event."""
+    created = int(time.time())
+    usage_field = {"usage": None} if request.include_usage else {}
+
+    def chunk(index, delta, finish_reason=None, logprobs=None):
+        return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "system_fingerprint": None, **usage_field,
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                 "finish_reason": finish_reason}]})
+
+    choices = {sequence: ChatChoice() for sequence in replies}
+    index_of = {sequence: i for i, sequence in enumerate(replies)}
+    for i in range(len(replies)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async for output in outputs_until_done(queue, replies):
+        if output.finish_reason == "error":
+            yield sse(engine_error(output).body())
+            return
+        index = index_of[output.sequence]
+        pieces, entries = choices[output.sequence].add(output, server.tokens)
+        logprobs = {"content": entries, "refusal": None} if entries else None
+        for n, (kind, text) in enumerate(pieces):
+            field_name = "reasoning_content" if kind == "reasoning" else "content"
+            yield chunk(index, {field_name: text}, logprobs=logprobs if n == 0 else None)
+        if entries and not pieces:
+            yield chunk(index, {"content": ""}, logprobs=logprobs)
+        if output.finish_reason is not None:
+            yield chunk(index, {}, output.finish_reason)
+    if request.include_usage:
+        yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                   "system_fingerprint": None, "choices": [], "usage": usage(prompt_tokens, replies)})
     yield "data: [DONE]\n\n"
 
 
-async def complete(worker: ModelWorker, request: Request, request_id: str, model_name: str,
-                   prompt_ids: list[int], req: ChatRequest) -> JSONResponse:
-    """The whole reply as one chat.completion object (generation stops if the client leaves)."""
-    splitter = ReasoningSplitter()
-    parts = {"reasoning": "", "content": ""}
-    generation = None
-    cancel = threading.Event()
-    watcher = asyncio.create_task(cancel_on_disconnect(request, cancel))
-    try:
-        async for item in worker.stream(request_id, prompt_ids, req, cancel):
-            pieces = splitter.flush() if isinstance(item, Generation) else splitter.feed(item)
-            for kind, text in pieces:
-                parts[kind] += text
-            if isinstance(item, Generation):
-                generation = item
-    finally:
-        watcher.cancel()
-    message = {"role": "assistant", "content": parts["content"]}
-    if parts["reasoning"]:
-        message["reasoning_content"] = parts["reasoning"]
-    return JSONResponse({
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": generation.finish_reason}],
-        "usage": usage_of(generation),
-    })
+async def chat_whole(server: Server, queue, replies, request_id: str, model_name: str, prompt_tokens: int,
+                     request: GenerationRequest) -> JSONResponse:
+    choices = {sequence: ChatChoice() for sequence in replies}
+    async for output in outputs_until_done(queue, replies):
+        if output.finish_reason == "error":
+            raise engine_error(output)
+        choices[output.sequence].add(output, server.tokens)
+    answers = []
+    for index, sequence in enumerate(replies):
+        choice = choices[sequence]
+        message = {"role": "assistant", "content": choice.parts["content"]}
+        if choice.parts["reasoning"]:
+            message["reasoning_content"] = choice.parts["reasoning"]
+        logprobs = {"content": choice.logprobs, "refusal": None} if request.params.logprobs else None
+        answers.append({"index": index, "message": message, "logprobs": logprobs,
+                        "finish_reason": sequence.finish_reason})
+    return JSONResponse({"id": request_id, "object": "chat.completion", "created": int(time.time()),
+                         "model": model_name, "system_fingerprint": None, "choices": answers,
+                         "usage": usage(prompt_tokens, replies)})
 
 
-async def cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
-    """Set `cancel` once the client of a non-streamed request has disconnected."""
-    while not cancel.is_set():
-        if await request.is_disconnected():
-            cancel.set()
+# ----------------------------------------------------------------------------------------------
+# Legacy completions
+# ----------------------------------------------------------------------------------------------
+
+class CompletionChoice:
+    """One reply of the legacy API: its text, and its logprobs in the legacy shape
+    (tokens / token_logprobs / top_logprobs / text_offset), the prompt's first when echoed."""
+
+    def __init__(self, server: Server, prompt, prompt_ids: list[int], echo: bool, params: SamplingParams):
+        self.server, self.params = server, params
+        self.prompt_ids = prompt_ids if echo else None  # echoed, with logprobs once the prefill has them
+        self.text = ""
+        if echo:
+            self.text = prompt if isinstance(prompt, str) else server.tokenizer.decode(prompt_ids)
+        self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def append_logprob(self, token_id: int, logprob, top, offset: int) -> None:
+        tokens = self.server.tokens
+        self.logprobs["tokens"].append(tokens.text(token_id))
+        self.logprobs["token_logprobs"].append(logprob)
+        self.logprobs["top_logprobs"].append(None if top is None else tokens.top_dict(top))
+        self.logprobs["text_offset"].append(offset)
+
+    def add_prompt_logprobs(self, sequence) -> None:
+        """Each prompt token's logprob; the first has none (nothing predicts it): null, as OpenAI.
+        text_offset: where each token's text starts (a token inside a character: where it starts)."""
+        decoder = IncrementalDecoder(self.server.tokenizer)
+        offset = 0
+        for token_id, (logprob, top) in zip(self.prompt_ids, [(None, None)] + sequence.prompt_logprobs):
+            self.append_logprob(token_id, logprob, top, offset)
+            offset += len(decoder.add(token_id))
+
+    def add(self, output: StepOutput) -> dict | None:
+        """Take one step's output; its logprobs in the legacy shape (for a stream chunk), if asked for."""
+        before = len(self.logprobs["tokens"])
+        if self.prompt_ids is not None and self.params.logprobs:
+            self.add_prompt_logprobs(output.sequence)
+        self.prompt_ids = None
+        if self.params.logprobs and output.token_id is not None and output.logprob is not None:
+            self.append_logprob(output.token_id, output.logprob, output.top_logprobs, len(self.text))
+        self.text += output.text
+        if not self.params.logprobs or len(self.logprobs["tokens"]) == before:
+            return None
+        return {key: values[before:] for key, values in self.logprobs.items()}
+
+    def body(self, index: int, sequence) -> dict:
+        return {"index": index, "text": self.text, "logprobs": self.logprobs if self.params.logprobs else None,
+                "finish_reason": sequence.finish_reason}
+
+
+async def completion_stream(queue, replies, choices, request_id, model_name, prompt_tokens, request):
+    created = int(time.time())
+    index_of = {sequence: i for i, sequence in enumerate(replies)}
+    async for output in outputs_until_done(queue, replies):
+        if output.finish_reason == "error":
+            yield sse(engine_error(output).body())
             return
-        await asyncio.sleep(0.2)
+        choice = choices[output.sequence]
+        logprobs = choice.add(output)
+        if output.text or logprobs or output.finish_reason:
+            yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model_name,
+                       "choices": [{"index": index_of[output.sequence], "text": output.text, "logprobs": logprobs,
+                                    "finish_reason": output.finish_reason}]})
+    if request.include_usage:
+        yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model_name,
+                   "choices": [], "usage": usage(prompt_tokens, replies)})
+    yield "data: [DONE]\n\n"
+
+
+async def completion_whole(queue, replies, choices, request_id, model_name, prompt_tokens) -> JSONResponse:
+    async for output in outputs_until_done(queue, replies):
+        if output.finish_reason == "error":
+            raise engine_error(output)
+        choices[output.sequence].add(output)
+    return JSONResponse({
+        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name,
+        "system_fingerprint": None,
+        "choices": [choices[s].body(i, s) for i, s in enumerate(replies)],
+        "usage": usage(prompt_tokens, replies)})
 
 
 # ----------------------------------------------------------------------------------------------
 # The app
 # ----------------------------------------------------------------------------------------------
 
-def create_app(worker: ModelWorker, settings) -> FastAPI:
+def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="MiniMind OpenAI-compatible API")
+    settings = server.settings
     model_name = settings.model_name
     started = int(time.time())
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code, e.kind)
+        return error_response(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=str(e.status_code))
+        return error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                       code=str(e.status_code)))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
         log.exception("unexpected error")
-        return error_response(500, f"internal server error: {e}", kind="server_error")
+        return error_response(APIError(500, f"internal server error: {e}", kind="server_error"))
 
     def check_api_key(request: Request) -> None:
         if not settings.api_key:
@@ -361,25 +632,78 @@ def create_app(worker: ModelWorker, settings) -> FastAPI:
         if not hmac.compare_digest(header[len("Bearer "):].encode(), settings.api_key.encode()):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
+    @app.get("/health")
+    async def health():
+        engine = server.engine_loop.engine
+        return {"status": "ok", "running": len(engine.rows), "waiting": len(engine.waiting)}
+
     @app.get("/v1/models")
     async def list_models(request: Request):
         check_api_key(request)
         return {"object": "list",
-                "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "minimind"}]}
+                "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "minimind",
+                          "max_model_len": settings.context_length}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_api_key(request)
         req = parse_chat_request(parse_json_body(await request.body()), settings)
-        prompt_ids = await worker.prompt_ids(req.messages)
+        prompt_ids = server.chat_prompt_ids(req.messages)
+        queue, replies = asyncio.Queue(), []
+        server.start(prompt_ids, req, queue, replies)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
-            return StreamingResponse(stream_events(worker, request_id, model_name, prompt_ids, req),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await complete(worker, request, request_id, model_name, prompt_ids, req)
+            return event_stream(chat_stream(server, queue, replies, request_id, model_name, len(prompt_ids), req))
+        return await until_done_or_disconnect(
+            request, replies, chat_whole(server, queue, replies, request_id, model_name, len(prompt_ids), req))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_api_key(request)
+        req = parse_completion_request(parse_json_body(await request.body()), settings)
+        prompts_ids = [server.completion_prompt_ids(p, req.echo) for p in req.prompts]
+        queue, replies, choices = asyncio.Queue(), [], {}
+        try:
+            for prompt, ids in zip(req.prompts, prompts_ids):
+                started_before = len(replies)
+                server.start(ids, req, queue, replies)
+                for sequence in replies[started_before:]:
+                    choices[sequence] = CompletionChoice(server, prompt, ids, req.echo, sequence.params)
+        except APIError:
+            for sequence in replies:
+                sequence.cancel()
+            raise
+        prompt_tokens = sum(len(ids) for ids in prompts_ids)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            return event_stream(completion_stream(queue, replies, choices, request_id, model_name, prompt_tokens,
+                                                  req))
+        return await until_done_or_disconnect(
+            request, replies, completion_whole(queue, replies, choices, request_id, model_name, prompt_tokens))
 
     return app
+
+
+def event_stream(body) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def until_done_or_disconnect(request: Request, replies: list, whole):
+    """Await the whole reply; if the client disconnects first, cancel its generations."""
+    task = asyncio.ensure_future(whole)
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if not done and await request.is_disconnected():
+            task.cancel()  # closes outputs_until_done, which cancels the replies
+            for sequence in replies:
+                sequence.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            return JSONResponse({}, status_code=499)
+    return task.result()
 
 
 def parse_args(argv=None):
@@ -391,12 +715,28 @@ def parse_args(argv=None):
     server.add_argument("--api_key", default=os.environ.get("MINIMIND_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $MINIMIND_API_KEY, else no auth)")
     server.add_argument("--model_name", default="minimind", help="the model id /v1/models reports")
-    server.add_argument("--context_length", type=int, default=None,
-                        help="prompt + reply tokens allowed (default: the model's max_position_embeddings)")
-    server.add_argument("--max_tokens", type=int, default=1024, help="reply length when a request gives none")
+    server.add_argument("--context_length", type=int, default=DEFAULT_CONTEXT_LENGTH,
+                        help="prompt + reply tokens allowed per request (default: 512, the trainers' --max_seq_len; "
+                             "raise it for models trained longer, up to the model's max_position_embeddings)")
+    server.add_argument("--max_tokens", type=int, default=1024,
+                        help="reply length when a request gives none (cut to what the context leaves)")
     server.add_argument("--temperature", type=float, default=0.85, help="when a request gives none")
     server.add_argument("--top_p", type=float, default=0.85, help="when a request gives none")
+    server.add_argument("--max_batch_size", type=int, default=16, help="replies decoded together")
+    server.add_argument("--max_queue", type=int, default=64,
+                        help="replies that may wait for a free slot; beyond that requests get 429")
     return parser.parse_args(argv)
+
+
+def build_server(model, tokenizer, args) -> Server:
+    model_context = model.config.max_position_embeddings
+    if not 1 < args.context_length <= model_context:
+        raise SystemExit(f"error: --context_length {args.context_length} must be in 2..{model_context} "
+                         f"(the model's max_position_embeddings)")
+    args.max_tokens = min(args.max_tokens, args.context_length)
+    args.vocab_size = model.config.vocab_size
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.context_length)
+    return Server(EngineLoop(engine, max_queue=args.max_queue), tokenizer, args)
 
 
 def main(argv=None) -> int:
@@ -406,14 +746,11 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model_context = model.config.max_position_embeddings
-    args.context_length = min(args.context_length or model_context, model_context)
-    args.max_tokens = min(args.max_tokens, args.context_length)
-    worker = ModelWorker(model, tokenizer, raw_prompts=args.model_mode == 0, context_length=args.context_length)
+    server = build_server(model, tokenizer, args)
     auth = "Bearer token required" if args.api_key else "no auth"
-    print(f"serving {args.model_name} on http://{args.host}:{args.port}/v1 ({auth}, context {args.context_length})",
-          flush=True)
-    uvicorn.run(create_app(worker, args), host=args.host, port=args.port, log_level="info")
+    print(f"serving {args.model_name} on http://{args.host}:{args.port}/v1 ({auth}, context {args.context_length}, "
+          f"batch {args.max_batch_size})", flush=True)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info")
     return 0
 
 
