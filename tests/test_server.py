@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from model.checkpoint import config_from_sizes, save_weights
+from model.engine import Engine, SamplingParams
 from model.inference import build_prompt_ids, generate_text, load_model, model_args, split_reasoning
 from model.model_minimind import MiniMindForCausalLM
 
@@ -191,6 +192,12 @@ BAD_REQUESTS = {
     "prompt longer than the context": ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),
     "temperature out of range": ({"temperature": 7}, 400, "temperature"),
     "missing model": ({"model": None}, 400, "model"),
+    "logit_bias (not implemented)": ({"logit_bias": {"42": 5}}, 400, "logit_bias"),
+    "JSON mode (not implemented)": ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+    "tools (not implemented)": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    "unknown field": ({"top_k": 5}, 400, "top_k"),
+    "n above the batch size": ({"n": 99}, 400, "n"),
+    "top_logprobs without logprobs": ({"top_logprobs": 3}, 400, "top_logprobs"),
 }
 
 
@@ -268,3 +275,142 @@ def test_terminal_chat_client_keeps_the_history(server, client):
         [sys.executable, str(REPO_ROOT / "scripts" / "chat_openai_api.py"), "--base_url", server[0],
          "--api_key", "sk-wrong", "--once", "hi"], capture_output=True, text=True, timeout=120)
     assert once.returncode == 1 and "401" in once.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Logprobs, n, penalties, the legacy completions API, health, the queue bound
+# ----------------------------------------------------------------------------------------------
+
+def token_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log P(ids[i] | ids[:i]) for i >= 1 from one full forward pass."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_chat_logprobs_equal_the_model_s(client, local):
+    model, tokenizer = local
+    question = "why is the sky blue?"
+    reply = ask(client, question, max_tokens=12, temperature=0.9, seed=5, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens - (reply.choices[0].finish_reason == "stop")
+    prompt = build_prompt_ids(tokenizer, [{"role": "user", "content": question}])
+    reply_ids = tokenizer("".join(e.token for e in content), add_special_tokens=False)["input_ids"]
+    expected = token_logprobs(model, prompt + reply_ids)[len(prompt) - 1:]
+    assert torch.allclose(torch.tensor([e.logprob for e in content]), expected, atol=1e-4)
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)
+    assert all(bytes(e.bytes).decode() == e.token for e in content if not e.token.startswith("bytes:"))
+    chunks, _ = ask_streaming(client, question, max_tokens=12, temperature=0.9, seed=5, logprobs=True)
+    streamed = [e.logprob for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == [e.logprob for e in content]
+
+
+def test_n_replies_stream_and_not(client):
+    reply = ask(client, "tell me a joke", n=3, temperature=1.0, seed=42, max_tokens=10)
+    texts = [c.message.content for c in reply.choices]
+    assert [c.index for c in reply.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert 3 <= reply.usage.completion_tokens <= 30  # summed over the three replies
+    chunks, _ = ask_streaming(client, "tell me a joke", n=3, temperature=1.0, seed=42, max_tokens=10)
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+    # the first reply of n has the seed's own reply; the others differ
+    single = ask(client, "tell me a joke", temperature=1.0, seed=42, max_tokens=10).choices[0].message.content
+    assert single == texts[0]
+
+
+def test_presence_and_frequency_penalties_reach_the_engine(client, local):
+    model, tokenizer = local
+    options = dict(temperature=1.0, top_p=1.0, seed=3, max_tokens=40)
+    penalties = dict(frequency_penalty=-2.0, presence_penalty=-2.0)  # negative: repeat yourself
+    penalized = ask(client, "go on", **options, **penalties).choices[0].message.content
+    prompt = build_prompt_ids(tokenizer, [{"role": "user", "content": "go on"}])
+    engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=CONTEXT)
+    expected = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=1.0, seed=3, **penalties))[0]
+    assert penalized == split_reasoning(expected.text)[1]
+    assert penalized != ask(client, "go on", **options).choices[0].message.content
+
+
+def test_completions_echo_logprobs_equal_the_model_s_token_loglikelihoods(server, client, local):
+    model, tokenizer = local
+    text = "The capital of France is Paris. 中国的首都是北京。"
+    reply = client.completions.create(model="minimind", prompt=text, max_tokens=0, echo=True, logprobs=2)
+    choice = reply.choices[0]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert choice.text == text and len(choice.logprobs.tokens) == len(ids) == reply.usage.prompt_tokens
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    expected = token_logprobs(model, ids)
+    assert torch.allclose(torch.tensor(choice.logprobs.token_logprobs[1:]), expected, atol=1e-4)
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])
+    assert choice.logprobs.text_offset[0] == 0 and choice.logprobs.text_offset == sorted(choice.logprobs.text_offset)
+    # token ids in, as lm-evaluation-harness sends them; several prompts in one request
+    body = {"model": "minimind", "prompt": [ids, ids[:5]], "max_tokens": 1, "echo": True, "logprobs": 1,
+            "temperature": 0}
+    response = httpx.post(server[0] + "/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200, response.text
+    first, second = response.json()["choices"]
+    assert len(first["logprobs"]["token_logprobs"]) == len(ids) + 1
+    assert torch.allclose(torch.tensor(first["logprobs"]["token_logprobs"][1:len(ids)]), expected, atol=1e-4)
+    assert second["logprobs"]["token_logprobs"][1:5] == pytest.approx(expected[:4].tolist(), abs=1e-4)
+
+
+def test_completions_continue_a_prompt(client, local):
+    model, tokenizer = local
+    ids = tokenizer("长城是中国古代", add_special_tokens=False)["input_ids"]
+    reply = client.completions.create(model="minimind", prompt="长城是中国古代", max_tokens=8, temperature=0)
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(ids):]
+    assert reply.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert reply.object == "text_completion" and reply.usage.completion_tokens == len(expected)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="minimind", prompt="长城是中国古代", max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == reply.choices[0].text
+
+
+def test_health(server):
+    response = httpx.get(server[0].removesuffix("/v1") + "/health", timeout=10)
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def busy_server(out_dir, tmp_path_factory):
+    """One slot and a queue of one, to fill it on purpose."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("busy") / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--out_dir", str(out_dir),
+             "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--port", str(port),
+             "--context_length", str(CONTEXT), "--max_batch_size", "1", "--max_queue", "1"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=out_dir)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_until_serving(base_url + "/models", process, log_path)
+        yield base_url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_full_queue_answers_429_and_bad_requests_are_answered_at_once(busy_server):
+    body = {"model": "minimind", "messages": [{"role": "user", "content": "go on forever"}], "stream": True,
+            "max_tokens": CONTEXT - 30, "temperature": 0}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", busy_server + "/chat/completions", json=body) as running:
+            lines = running.iter_lines()  # (kept: a dropped iterator would close the response)
+            next(lines)  # it holds the only slot
+            with http.stream("POST", busy_server + "/chat/completions", json=body) as waiting:
+                assert waiting.status_code == 200  # queued
+                third = httpx.post(busy_server + "/chat/completions", json=body, timeout=10)
+                assert third.status_code == 429
+                assert third.json()["error"]["code"] == "rate_limit_exceeded"
+                with pytest.raises(openai.RateLimitError):
+                    openai.OpenAI(base_url=busy_server, api_key="none", max_retries=0).chat.completions.create(
+                        model="minimind", messages=[{"role": "user", "content": "hi"}])
+                started = time.monotonic()
+                bad = httpx.post(busy_server + "/chat/completions", json={**body, "temperature": 9}, timeout=10)
+                assert bad.status_code == 400 and time.monotonic() - started < 5
+    # both clients left: their replies were cancelled, the slot is free again
+    reply = openai.OpenAI(base_url=busy_server, api_key="none", max_retries=0, timeout=60).chat.completions.create(
+        model="minimind", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert reply.usage.completion_tokens == 2
