@@ -159,3 +159,42 @@ def test_browser_types_a_question_and_sees_the_streamed_answer(out_dir, tmp_path
     assert answer
     assert len(seen) >= 3 and seen[-1] == answer, seen  # the answer grew in place: it was streamed
     assert (tmp_path / "web_demo.png").stat().st_size > 10_000
+
+
+def listening_addresses(pid: int) -> set[str]:
+    import psutil
+
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+
+
+@pytest.mark.slow
+def test_demo_listens_on_localhost_only_unless_told_and_sends_no_statistics(out_dir, tmp_path):
+    """`streamlit run scripts/web_demo.py` from the repository root, as the README says, reads
+    .streamlit/config.toml: loopback only, no usage statistics."""
+    apps = {}
+    try:
+        for name, extra in {"default": [], "told": ["--server.address", "0.0.0.0"]}.items():
+            port = free_port()
+            log = open(tmp_path / f"{name}.log", "w")
+            apps[name] = (port, subprocess.Popen(
+                [sys.executable, "-m", "streamlit", "run", "scripts/web_demo.py", "--server.port", str(port),
+                 "--server.headless", "true", *extra, "--", *demo_args(out_dir)],
+                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT))
+        for name, (port, app) in apps.items():
+            deadline = time.monotonic() + 60
+            while True:
+                assert app.poll() is None and time.monotonic() < deadline, (tmp_path / f"{name}.log").read_text()
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+        assert listening_addresses(apps["default"][1].pid) == {"127.0.0.1"}
+        assert listening_addresses(apps["told"][1].pid) == {"0.0.0.0"}
+    finally:
+        for _, app in apps.values():
+            app.terminate()
+            app.wait(timeout=30)
+    shown = subprocess.run([sys.executable, "-m", "streamlit", "config", "show"], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=60).stdout
+    assert "\ngatherUsageStats = false" in shown and '\naddress = "127.0.0.1"' in shown
