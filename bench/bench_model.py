@@ -2,7 +2,7 @@
 
 Measures, in one run on the same machine:
   - training steps (forward + backward + AdamW step), fp32, default 26M config, batch 8 x 512;
-  - greedy decoding tokens/s at batch 1: MiniMind's own generation routine (KV cache) versus
+  - greedy decoding tokens/s at batch 1: MiniMind's generation engine (model/engine.py) versus
     `LlamaForCausalLM.generate` (and MiniMind's `generate()` through transformers, for reference).
 Both models hold the same weights (checked: equal logits), so they compute the same function.
 Runs alternate between the two models so that machine noise hits both alike.
@@ -79,9 +79,11 @@ def time_train_steps(model, batch_size, seq_len, steps, warmup=1):
 
 
 def minimind_decode(model, prompt, new_tokens):
-    """The project's generation routine (model/inference.py) when present, greedy."""
-    from model.inference import generate_ids
-    return list(generate_ids(model, prompt, max_new_tokens=new_tokens, temperature=0.0, eos_token_id=None))
+    """The project's generation engine (model/engine.py, one slot), greedy, never stopping early."""
+    from model.engine import Engine, SamplingParams
+    engine = Engine(model, None, max_batch_size=1, max_seq_len=prompt.shape[-1] + new_tokens)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, stop_token_ids=())
+    return engine.generate([prompt.view(-1).tolist()], params)[0].output_ids
 
 
 def weight_bytes(model) -> int:
@@ -155,6 +157,7 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--small_hidden_size", type=int, default=128, help="the cache-resident decode comparison")
     parser.add_argument("--small_layers", type=int, default=4)
+    parser.add_argument("--skip_training", action="store_true", help="only the decoding comparisons")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "model.json"))
     args = parser.parse_args()
 
@@ -162,7 +165,7 @@ def main():
     max_diff = check_same_function(minimind, llama)
 
     train = {"minimind": [], "llama": []}
-    for _ in range(args.rounds):
+    for _ in range(0 if args.skip_training else args.rounds):
         train["minimind"] += time_train_steps(minimind, args.batch_size, args.seq_len, args.steps)
         train["llama"] += time_train_steps(llama, args.batch_size, args.seq_len, args.steps)
 
@@ -172,13 +175,15 @@ def main():
     decode_small = compare_decoding(small_minimind, small_llama, args.prompt_len, args.new_tokens, args.rounds)
     floor = matmul_floor_tokens_per_second(minimind)
 
-    step_minimind, step_llama = statistics.median(train["minimind"]), statistics.median(train["llama"])
     tokens_per_step = args.batch_size * args.seq_len
+    step_minimind = statistics.median(train["minimind"]) if train["minimind"] else float("nan")
+    step_llama = statistics.median(train["llama"]) if train["llama"] else float("nan")
     result = {
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+                    "load_average_at_end": os.getloadavg(), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "cuda": torch.cuda.is_available()},
         "config": vars(args) | {"parameters": sum(p.numel() for p in minimind.parameters()),
                                 "max_abs_logit_diff_vs_llama": max_diff},
         "train_step_seconds_median": {"minimind": step_minimind, "llama": step_llama},

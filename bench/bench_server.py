@@ -1,15 +1,16 @@
 """Latency and throughput of scripts/serve_openai_api.py, measured from the client side.
 
 Starts the server in a subprocess on a free loopback port with a randomly initialised MiniMind of
-the given size (random weights decode exactly as fast as trained ones), then streams
-  - sequential requests: time to first token (TTFT) and decode tokens/s of one client alone;
-  - N concurrent requests: total throughput and how long the last one waits for its first
-    token (the server runs one generation at a time).
+the given size (random weights decode exactly as fast as trained ones), then runs 1, 4, 8 and 16
+concurrent streamed requests, the levels alternating over --rounds so that machine noise hits
+all alike, and reports per level: aggregate completion tokens/s (all streams' tokens over the
+wall time) and time to first token p50/p95. The server batches the running replies (continuous
+batching), so more streams should mean more tokens/s in all.
 Replies are sampled with a fixed seed; one that ends early at <|im_end|> simply has fewer tokens
 (the token counts are in the results).
 
     python bench/bench_server.py                       # 26M model, writes bench/results/server.json
-    python bench/bench_server.py --hidden_size 64 --num_hidden_layers 2 --max_tokens 64   # quick
+    python bench/bench_server.py --hidden_size 64 --num_hidden_layers 2 --max_tokens 16   # quick
 """
 import argparse
 import json
@@ -45,7 +46,9 @@ def start_server(out_dir, args, port, log):
     process = subprocess.Popen(
         [sys.executable, os.path.join(REPO_ROOT, "scripts", "serve_openai_api.py"), "--out_dir", out_dir,
          "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
-         "--device", args.device, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+         "--device", args.device, "--port", str(port), "--max_batch_size", str(max(args.concurrency))],
+        stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert process.poll() is None, "the server exited; see its log"
@@ -72,14 +75,29 @@ def timed_stream(client, question, max_tokens):
     return first or 0.0, time.perf_counter() - start, usage.completion_tokens
 
 
+def run_streams(client, concurrency: int, max_tokens: int):
+    """`concurrency` streams at once: (wall seconds, [(ttft, total, tokens), ...])."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda i: timed_stream(client, f"第{i}个问题：请介绍一下你自己。", max_tokens),
+                                range(concurrency)))
+    return time.perf_counter() - start, results
+
+
+def percentile(values, share):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_hidden_layers", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max_tokens", type=int, default=128)
-    parser.add_argument("--requests", type=int, default=5, help="sequential requests")
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the concurrency levels")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: torch's)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "server.json"))
     args = parser.parse_args()
 
@@ -92,40 +110,36 @@ def main():
             server = start_server(out_dir, args, port, log)
         try:
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
-            timed_stream(client, "warm-up", 8)
-            sequential = [timed_stream(client, f"第{i}个问题：请介绍一下你自己。", args.max_tokens)
-                          for i in range(args.requests)]
-            start = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                concurrent = list(pool.map(lambda i: timed_stream(client, f"问题 {i}", args.max_tokens),
-                                           range(args.concurrency)))
-            concurrent_wall = time.perf_counter() - start
+            run_streams(client, 2, 8)  # warm-up
+            runs = {c: [] for c in args.concurrency}
+            for _ in range(args.rounds):
+                for c in args.concurrency:
+                    runs[c].append(run_streams(client, c, args.max_tokens))
         finally:
             server.terminate()
             server.wait(timeout=30)
 
-    decode_rates = [(tokens - 1) / (total - first) for first, total, tokens in sequential if tokens > 1]
+    levels = {}
+    for c, samples in runs.items():
+        tokens = [sum(r[2] for r in results) / wall for wall, results in samples]
+        ttfts = [r[0] for _, results in samples for r in results]
+        levels[str(c)] = {"tokens_per_second_total": statistics.median(tokens), "tokens_per_second_runs": tokens,
+                          "ttft_seconds_p50": percentile(ttfts, 0.5), "ttft_seconds_p95": percentile(ttfts, 0.95),
+                          "completion_tokens": [[r[2] for r in results] for _, results in samples]}
+    one = levels[str(args.concurrency[0])]["tokens_per_second_total"]
     result = {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "device": args.device},
+                    "server_threads": args.threads or torch.get_num_threads(), "device": args.device,
+                    "load_average_at_end": os.getloadavg()},
         "config": vars(args) | {"parameters": sum(p.numel() for p in model.parameters())},
-        "sequential": {
-            "ttft_seconds_median": statistics.median(r[0] for r in sequential),
-            "decode_tokens_per_second_median": statistics.median(decode_rates),
-            "completion_tokens": [r[2] for r in sequential],
-        },
-        "concurrent": {
-            "requests": args.concurrency,
-            "wall_seconds": concurrent_wall,
-            "tokens_per_second_total": sum(r[2] for r in concurrent) / concurrent_wall,
-            "ttft_seconds_max": max(r[0] for r in concurrent),
-            "completion_tokens": [r[2] for r in concurrent],
-        },
+        "concurrent_streams": levels,
+        "speedup_over_one_stream": {c: v["tokens_per_second_total"] / one for c, v in levels.items()},
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items()}, indent=2))
 
 
 if __name__ == "__main__":

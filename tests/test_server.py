@@ -414,3 +414,40 @@ def test_a_full_queue_answers_429_and_bad_requests_are_answered_at_once(busy_ser
     reply = openai.OpenAI(base_url=busy_server, api_key="none", max_retries=0, timeout=60).chat.completions.create(
         model="minimind", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert reply.usage.completion_tokens == 2
+
+
+def test_an_engine_error_ends_a_stream_with_an_error_event(local):
+    """The app in this process, its engine made to fail at the second decode step (the only way
+    to make a healthy model fail on purpose); the stream must end with an error event."""
+    import asyncio
+
+    from scripts.serve_openai_api import build_server, create_app, parse_args
+
+    model, tokenizer = local
+    settings = parse_args(["--context_length", "256"])
+    server = build_server(model, tokenizer, settings)
+    engine = server.engine_loop.engine
+    real_decode, calls = engine.decode, []
+
+    def failing_decode(sequences):
+        calls.append(len(sequences))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real_decode(sequences)
+
+    engine.decode = failing_decode
+    body = {"model": "minimind", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 20}
+
+    async def stream():
+        transport = httpx.ASGITransport(app=create_app(server))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                return [line async for line in response.aiter_lines() if line]
+
+    events = asyncio.run(stream())
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "out of memory (simulated)" in error["message"]
+    assert '"content": ""' in events[0] and len(events) >= 2
+    # the engine goes on serving
+    engine.decode = real_decode
+    assert asyncio.run(stream())[-1] == "data: [DONE]"
