@@ -176,8 +176,8 @@ def main():
     floor = matmul_floor_tokens_per_second(minimind)
 
     tokens_per_step = args.batch_size * args.seq_len
-    step_minimind = statistics.median(train["minimind"]) if train["minimind"] else float("nan")
-    step_llama = statistics.median(train["llama"]) if train["llama"] else float("nan")
+    step_minimind = statistics.median(train["minimind"]) if train["minimind"] else None
+    step_llama = statistics.median(train["llama"]) if train["llama"] else None
     result = {
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -187,8 +187,9 @@ def main():
         "config": vars(args) | {"parameters": sum(p.numel() for p in minimind.parameters()),
                                 "max_abs_logit_diff_vs_llama": max_diff},
         "train_step_seconds_median": {"minimind": step_minimind, "llama": step_llama},
-        "train_tokens_per_second": {"minimind": tokens_per_step / step_minimind, "llama": tokens_per_step / step_llama},
-        "train_speedup_minimind_over_llama": step_llama / step_minimind,
+        "train_tokens_per_second": None if args.skip_training else {"minimind": tokens_per_step / step_minimind,
+                                                                    "llama": tokens_per_step / step_llama},
+        "train_speedup_minimind_over_llama": None if args.skip_training else step_llama / step_minimind,
         "decode_tokens_per_second_median": medians(decode),
         "decode_speedup_minimind_routine_over_llama_generate": speedup(decode),
         "decode_ceiling": {
