@@ -12,8 +12,19 @@ Items are *not* padded: the collate functions pad to the longest item of the bat
 
 Big files. MiniMind's sft_512.jsonl is 7.5 GB and torchrun starts one process per GPU, so a
 dataset never holds the file as Python objects. It keeps a byte-offset index of the lines
-(16 bytes a line, cached under dataset/.cache/index/, memory-mapped, shared by all ranks through
-the page cache, reused by the next run) and reads + tokenizes one line in __getitem__.
+(16 bytes a line, memory-mapped, shared by all ranks through the page cache, reused by the next
+run) and reads + tokenizes one line in __getitem__. The index is cached in `cache_dir`: by default
+a `.minimind_cache/` folder next to the data file when that folder is writable, else the user's
+cache ($XDG_CACHE_HOME/minimind/index, ~/.cache/minimind/index); trainers take --cache_dir.
+
+Long chats (SFT, DPO). A reply that starts inside max_length is trained on the part that fits,
+as in MiniMind2 (no <|im_end|> is added at the cut: the model must not learn to stop there).
+A sample with no trained token inside the window (its first reply starts beyond max_length; for
+DPO, either side) is not a training sample: the first open tokenizes every line once, keeps
+only the trainable lines in a second cached index and counts the skipped and the cut ones
+(`window_report()`). Skipping in the index, not in __getitem__ or the collate function, keeps
+len(dataset) a fixed number: the sampler's order, every rank's share and the resume position
+stay exact.
 
 Bad lines. A line that is not JSON, lacks its keys, has roles out of order or an empty
 assistant turn raises DataFormatError("path:line: what is wrong").
@@ -24,21 +35,26 @@ assistant turn raises DataFormatError("path:line: what is wrong").
   - skip_bad_lines=True always does the full pass, drops the bad lines from the index and
     prints how many were dropped (and the first few line numbers).
 """
+import bisect
+import contextlib
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CACHE_DIR = ROOT / "dataset" / ".cache" / "index"
 PAD_ID = 0
 VALIDATE_MAX_BYTES = 256 * 1024 ** 2
 INDEX_FORMAT_VERSION = 2
+CACHE_FOLDER_NAME = ".minimind_cache"
+LFS_POINTER_START = b"version https://git-lfs.github.com/spec/"
 
 
 class DataFormatError(ValueError):
@@ -134,6 +150,38 @@ def chunked_line_rows(f, chunk_bytes):
             return
 
 
+def user_cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "minimind" / "index"
+
+
+def is_writable_folder(folder):
+    """Create `folder` if needed and write a probe file in it (os.access is wrong for root and
+    for read-only mounts, so try it for real)."""
+    try:
+        folder.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def default_cache_dir(data_path):
+    """Next to the data (`<data folder>/.minimind_cache`) when writable, else the user's cache."""
+    beside = Path(data_path).resolve().parent / CACHE_FOLDER_NAME
+    return beside if is_writable_folder(beside) else user_cache_dir()
+
+
+def reject_lfs_pointer(path):
+    """A clone without `git lfs` holds ~130-byte pointer files instead of the data."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if head.startswith(LFS_POINTER_START):
+        size = next((line.split()[1].decode() for line in head.splitlines() if line.startswith(b"size ")), "?")
+        raise DataFormatError(f"{path}: this is a Git LFS pointer, not the data: run `git lfs pull` in the "
+                              f"repository that holds it (the real file has {size} bytes)")
+
+
 def index_cache_path(path, tag, cache_dir):
     """The index file of `path`: keyed by absolute path, size and mtime, so an edit rebuilds it."""
     st = os.stat(path)
@@ -142,42 +190,65 @@ def index_cache_path(path, tag, cache_dir):
     return Path(cache_dir) / f"{Path(path).name}.{digest}.idx"
 
 
-def build_index(path, check, validate, skip_bad_lines, target, chunk_bytes=16 * 1024 ** 2):
-    """Write the index of `path` to `target`: one INDEX_ROW per usable line.
-
-    Written to a temp file, then renamed: concurrent ranks never see a half-written index
-    (if several build it at once, each writes its own and the last rename wins).
-    """
+@contextlib.contextmanager
+def build_lock(target):
+    """Held while `target` is built: the ranks of one machine (or of a shared disk) that open the
+    same data wait for the first one and reuse its file instead of all building it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    bad = []
     try:
-        with open(path, "rb") as f, os.fdopen(fd, "wb") as out:
-            for rows, data, base in chunked_line_rows(f, chunk_bytes):
-                keep = np.ones(len(rows), dtype=bool)
-                # without validation only the short lines need a look (are they blank?)
-                to_check = range(len(rows)) if validate or skip_bad_lines else np.flatnonzero(rows["length"] <= 2)
-                for i in to_check:
-                    row = rows[i]
-                    start = int(row["offset"]) - base
-                    raw = data[start:start + int(row["length"])]
-                    if row["length"] <= 2 and not raw.strip():
-                        keep[i] = False  # blank lines are not data (a trailing one is common)
-                        continue
-                    if not (validate or skip_bad_lines):
-                        continue
-                    _, problem = parse_line(raw, check)
-                    if problem is None:
-                        continue
-                    if not skip_bad_lines:
-                        raise DataFormatError(f"{path}:{int(row['line'])}: {problem}")
-                    keep[i] = False
-                    bad.append(int(row["line"]))
-                out.write(rows[keep].tobytes())
+        import fcntl
+    except ImportError:  # no flock (Windows): every process builds its own copy; the rename is atomic
+        yield
+        return
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def atomic_output(target):
+    """A binary file object that becomes `target` only when the block ends without error."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def build_index(path, check, validate, skip_bad_lines, target, chunk_bytes=16 * 1024 ** 2):
+    """Write the index of `path` to `target`: one INDEX_ROW per usable line.
+
+    Written to a temp file, then renamed: concurrent ranks never see a half-written index.
+    """
+    bad = []
+    with open(path, "rb") as f, atomic_output(target) as out:
+        for rows, data, base in chunked_line_rows(f, chunk_bytes):
+            keep = np.ones(len(rows), dtype=bool)
+            # without validation only the short lines need a look (are they blank?)
+            to_check = range(len(rows)) if validate or skip_bad_lines else np.flatnonzero(rows["length"] <= 2)
+            for i in to_check:
+                row = rows[i]
+                start = int(row["offset"]) - base
+                raw = data[start:start + int(row["length"])]
+                if row["length"] <= 2 and not raw.strip():
+                    keep[i] = False  # blank lines are not data (a trailing one is common)
+                    continue
+                if not (validate or skip_bad_lines):
+                    continue
+                _, problem = parse_line(raw, check)
+                if problem is None:
+                    continue
+                if not skip_bad_lines:
+                    raise DataFormatError(f"{path}:{int(row['line'])}: {problem}")
+                keep[i] = False
+                bad.append(int(row["line"]))
+            out.write(rows[keep].tobytes())
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
         print(f"{path}: skipped {len(bad)} malformed line(s) (line {shown})")
@@ -192,21 +263,40 @@ def load_index(index_path):
 class JsonlLines:
     """Random access to the JSON lines of a file through a cached byte-offset index."""
 
-    def __init__(self, path, check, skip_bad_lines=False, validate_max_bytes=VALIDATE_MAX_BYTES,
-                 cache_dir=DEFAULT_CACHE_DIR):
+    def __init__(self, path, check, skip_bad_lines=False, validate_max_bytes=VALIDATE_MAX_BYTES, cache_dir=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file not found: {path}")
+        reject_lfs_pointer(path)
         self.path = str(path)
         self.check = check
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(path)
         validate = os.path.getsize(path) <= validate_max_bytes
-        tag = f"{check.__name__}|validate={validate}|skip={skip_bad_lines}"
-        cache = index_cache_path(path, tag, cache_dir)
-        self.reused_index = cache.exists()
-        if not self.reused_index:
-            build_index(path, check, validate, skip_bad_lines, cache)
+        self.tag = f"{check.__name__}|validate={validate}|skip={skip_bad_lines}"
+        cache = index_cache_path(path, self.tag, self.cache_dir)
+        with build_lock(cache):
+            self.reused_index = cache.exists()
+            if not self.reused_index:
+                build_index(path, check, validate, skip_bad_lines, cache)
         self.index_path = cache
         self.index = load_index(cache)
-        self.file = None  # opened lazily, once per (worker) process
+        self.file, self.file_pid = None, None  # opened lazily, once per (worker) process
+
+    def keep_trainable(self, fit_tag, sample_fits, unit="samples"):
+        """Keep only the lines whose sample has something to train; returns their WindowCounts.
+
+        sample_fits(list of objects) -> list of (cut, trainable). The kept rows and the counts
+        are cached like the line index (fit_tag names the tokenizer and max_length), so only the
+        first open pays for tokenizing every line."""
+        target = index_cache_path(self.path, f"{self.tag}|{fit_tag}", self.cache_dir)
+        counts_file = target.with_suffix(".json")
+        with build_lock(target):
+            if not (target.exists() and counts_file.exists()):
+                build_trainable_index(self, sample_fits, target, counts_file)
+        with open(counts_file, encoding="utf-8") as f:
+            counts = WindowCounts(unit=unit, **json.load(f))
+        self.index_path = target
+        self.index = load_index(target)
+        return counts
 
     def __len__(self):
         return len(self.index)
@@ -218,8 +308,8 @@ class JsonlLines:
     def __getitem__(self, i):
         row = self.index[i]
         offset, length, line_no = int(row["offset"]), int(row["length"]), int(row["line"])
-        if self.file is None:
-            self.file = open(self.path, "rb")
+        if self.file is None or self.file_pid != os.getpid():  # a forked process opens its own handle
+            self.file, self.file_pid = open(self.path, "rb"), os.getpid()
         self.file.seek(offset)
         obj, problem = parse_line(self.file.read(length), self.check)
         if problem:
@@ -237,6 +327,103 @@ class JsonlLines:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.index = load_index(self.index_path)
+
+
+# ------------------------------------------------------------------ samples inside the window
+
+@dataclass
+class WindowCounts:
+    """How the samples of a file fit in max_length tokens."""
+    total: int    # samples in the file
+    cut: int      # longer than max_length, trained on the part that fits
+    skipped: int  # nothing to train inside max_length: left out
+    unit: str = "samples"
+
+    def describe(self, max_length, flag="--max_seq_len"):
+        what = "have a side with no reply" if self.unit == "pairs" else "have no reply"
+        return (f"{self.skipped:,} of {self.total:,} {self.unit} ({percent(self.skipped, self.total)}) {what} "
+                f"inside {flag} {max_length} and are skipped; {self.cut:,} ({percent(self.cut, self.total)}) "
+                f"are cut (trained on the part that fits)")
+
+
+def percent(part, whole):
+    share = 100 * part / max(whole, 1)
+    return "<0.1%" if 0 < share < 0.05 else f"{share:.1f}%"
+
+
+FIT_BATCH = 256  # lines tokenized in one call while the trainable index is built
+
+
+def fits_of_rows(lines, sample_fits, start, stop):
+    """(cut, trainable) flags of lines[start:stop] as two bool arrays."""
+    cut = np.zeros(stop - start, dtype=bool)
+    trainable = np.zeros(stop - start, dtype=bool)
+    for first in range(start, stop, FIT_BATCH):
+        last = min(first + FIT_BATCH, stop)
+        fits = sample_fits([lines[i] for i in range(first, last)])
+        cut[first - start:last - start] = [c for c, _ in fits]
+        trainable[first - start:last - start] = [t for _, t in fits]
+    return cut, trainable
+
+
+_FORKED_JOB = None  # (lines, sample_fits) inherited by forked workers; never pickled
+
+
+def _fits_in_worker(bounds):
+    lines, sample_fits = _FORKED_JOB
+    return fits_of_rows(lines, sample_fits, *bounds)
+
+
+def fit_workers(num_lines):
+    """Processes for the tokenizing pass: all the cores this process may use, for big files."""
+    if num_lines < 50_000 or not hasattr(os, "fork"):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 32))
+
+
+def chunked_fits(lines, sample_fits, chunk=65_536, workers=None):
+    """Yield (start, cut, trainable) for consecutive chunks of lines, in order; big files are
+    tokenized by forked worker processes (the tokenizer is pure CPU work)."""
+    bounds = [(start, min(start + chunk, len(lines))) for start in range(0, len(lines), chunk)]
+    workers = workers or fit_workers(len(lines))
+    if workers == 1:
+        for start, stop in bounds:
+            yield (start, *fits_of_rows(lines, sample_fits, start, stop))
+        return
+    global _FORKED_JOB
+    _FORKED_JOB = (lines, sample_fits)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for (start, _), (cut, trainable) in zip(bounds, pool.imap(_fits_in_worker, bounds)):
+                yield start, cut, trainable
+    finally:
+        _FORKED_JOB = None
+
+
+def build_trainable_index(lines, sample_fits, target, counts_file):
+    """Write the rows of `lines` that have a trained token inside the window, and the counts."""
+    if len(lines) >= 50_000:
+        print(f"{lines.path}: tokenizing its {len(lines):,} samples once to find those that do not fit "
+              f"(cached in {target.parent})", flush=True)
+    total = cut_count = skipped = 0
+    with atomic_output(target) as out:
+        for start, cut, trainable in chunked_fits(lines, sample_fits):
+            rows = lines.index[start:start + len(cut)]
+            out.write(np.asarray(rows[trainable]).tobytes())
+            total += len(cut)
+            cut_count += int((cut & trainable).sum())
+            skipped += int((~trainable).sum())
+    with atomic_output(counts_file) as out:
+        out.write(json.dumps({"total": total, "cut": cut_count, "skipped": skipped}).encode())
+
+
+def tokenizer_fingerprint(tokenizer):
+    """Changes whenever the tokens or the chat template change (the cached fits depend on both)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = (backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())))
+    text += str(getattr(tokenizer, "chat_template", ""))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ tokenization helpers
@@ -269,26 +456,48 @@ def assistant_char_spans(text, messages):
     return spans
 
 
-def chat_ids_and_mask(tokenizer, messages, max_length):
-    """Token ids of a conversation and a mask that is 1 on assistant content + <|im_end|>.
-
-    Truncation rule (no half-open mask): the ids are cut to max_length, and an assistant
-    turn is trained only if its closing <|im_end|> survived the cut. A reply cut in the
-    middle stays in the input but gets mask 0, so every trained span ends with the
-    <|im_end|> that teaches the model to stop. (A conversation whose first reply does not
-    fit has no trained token at all; the loss must divide by max(mask.sum(), 1).)
-    The newline after <|im_end|> is not trained (it is template glue, not model output).
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"][:max_length], encoded["offset_mapping"][:max_length]
-    mask = [0] * len(ids)
-    for start, end in assistant_char_spans(text, messages):
-        inside = [i for i, (s, e) in enumerate(offsets) if s >= start and e <= end]
-        closed = inside and offsets[inside[-1]][1] == end  # the <|im_end|> is still there
-        for i in inside if closed else []:
+def tokens_inside(offsets, spans):
+    """Mask that is 1 on every token lying wholly inside one of the character spans."""
+    mask = [0] * len(offsets)
+    starts = [s for s, _ in offsets]
+    for start, end in spans:
+        i = bisect.bisect_left(starts, start)
+        while i < len(offsets) and offsets[i][1] <= end:
             mask[i] = 1
-    return ids, mask
+            i += 1
+    return mask
+
+
+def chat_encodings(tokenizer, conversations):
+    """(ids, mask) of whole conversations, uncut: mask is 1 on assistant content + <|im_end|>.
+
+    The newline after <|im_end|> is not trained (it is template glue, not model output).
+    All conversations go through one tokenizer call (faster when building the index)."""
+    texts = [tokenizer.apply_chat_template(messages, tokenize=False) for messages in conversations]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [(ids, tokens_inside(offsets, assistant_char_spans(text, messages)))
+            for ids, offsets, text, messages in zip(encoded["input_ids"], encoded["offset_mapping"], texts,
+                                                   conversations)]
+
+
+def chat_ids_and_mask(tokenizer, messages, max_length):
+    """Token ids of a conversation cut to max_length, and its mask of trained tokens.
+
+    Truncation as in MiniMind2: a reply that starts inside max_length is trained on the part
+    that fits, and no <|im_end|> is put at the cut (the model must not learn to stop where the
+    window ends). Replies past the window are simply not there."""
+    ids, mask = chat_encodings(tokenizer, [messages])[0]
+    return ids[:max_length], mask[:max_length]
+
+
+def window_fit(ids, mask, max_length):
+    """(cut, trainable) of one encoded conversation: longer than the window, and has a trained
+    target inside it (position 0 is never a target: Y starts at the second token)."""
+    return len(ids) > max_length, any(mask[1:max_length])
+
+
+def chat_fits(tokenizer, max_length, conversations):
+    return [window_fit(ids, mask, max_length) for ids, mask in chat_encodings(tokenizer, conversations)]
 
 
 # ------------------------------------------------------------------ datasets
@@ -315,18 +524,30 @@ class PretrainDataset(Dataset):
         return shifted(ids, [1] * len(ids))
 
 
+def sft_fits(tokenizer, max_length, samples):
+    return chat_fits(tokenizer, max_length, [sample["conversations"] for sample in samples])
+
+
 class SFTDataset(Dataset):
     """Chat data rendered with the tokenizer's ChatML template; loss only on the replies.
 
     Trained: each assistant turn's content and its closing <|im_end|> (all turns of a
-    multi-turn conversation). Masked: the system and user turns, the role headers, the
-    newline after <|im_end|>. Reasoning data (<think>/<answer>) is used as is.
+    multi-turn conversation; a reply cut by max_length on the part that fits). Masked: the
+    system and user turns, the role headers, the newline after <|im_end|>. Reasoning data
+    (<think>/<answer>) is used as is. Samples with nothing to train inside max_length are
+    skipped and counted (window_report()).
     """
 
     def __init__(self, jsonl_path, tokenizer, max_length=1024, skip_bad_lines=False, **index_kwargs):
         self.lines = JsonlLines(jsonl_path, check_sft, skip_bad_lines, **index_kwargs)
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.window = self.lines.keep_trainable(f"sft|{tokenizer_fingerprint(tokenizer)}|{max_length}",
+                                                 functools.partial(sft_fits, tokenizer, max_length))
+
+    def window_report(self, flag="--max_seq_len"):
+        """One line: how many samples are skipped (nothing to train inside max_length) and cut."""
+        return self.window.describe(self.max_length, flag)
 
     def __len__(self):
         return len(self.lines)
@@ -336,13 +557,27 @@ class SFTDataset(Dataset):
         return shifted(ids, mask)
 
 
+def dpo_fits(tokenizer, max_length, pairs):
+    """A pair is cut if either side is, and trainable only if both sides are."""
+    chosen = chat_fits(tokenizer, max_length, [pair["chosen"] for pair in pairs])
+    rejected = chat_fits(tokenizer, max_length, [pair["rejected"] for pair in pairs])
+    return [(c_cut or r_cut, c_ok and r_ok) for (c_cut, c_ok), (r_cut, r_ok) in zip(chosen, rejected)]
+
+
 class DPODataset(Dataset):
-    """Preference pairs: both conversations are built like SFT items (same masks)."""
+    """Preference pairs: both conversations are built like SFT items (same masks); a pair with a
+    side that has nothing to train inside max_length is skipped."""
 
     def __init__(self, file_path, tokenizer, max_length=1024, skip_bad_lines=False, **index_kwargs):
         self.lines = JsonlLines(file_path, check_dpo, skip_bad_lines, **index_kwargs)
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.window = self.lines.keep_trainable(f"dpo|{tokenizer_fingerprint(tokenizer)}|{max_length}",
+                                                 functools.partial(dpo_fits, tokenizer, max_length), unit="pairs")
+
+    def window_report(self, flag="--max_seq_len"):
+        """One line: how many pairs are skipped (a side with nothing to train) and cut."""
+        return self.window.describe(self.max_length, flag)
 
     def __len__(self):
         return len(self.lines)

@@ -103,7 +103,7 @@ def test_sft_mask_multi_turn_with_system(tok, tmp_path):
     assert mask.tolist() == token_mask[1:]
 
 
-def test_sft_truncation_never_leaves_a_half_open_mask(tok, tmp_path):
+def test_sft_cut_reply_trains_its_visible_part(tok, tmp_path):
     conv = [user("1+1=?"), assistant("等于2。"), user("那2+2呢？"), assistant("等于4，这个答案比较长一些。")]
     path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv}])
     pieces = [
@@ -114,20 +114,33 @@ def test_sft_truncation_never_leaves_a_half_open_mask(tok, tmp_path):
         ("\n", False),
     ]
     ids, token_mask = expected_chat(tok, pieces)
-    _, first_reply_only = expected_chat(tok, pieces[:3] + [(pieces[3][0], False), pieces[4]])
     end_of_second = len(ids) - 1  # index of the final "\n"
-    # cut inside the second reply: its remaining tokens stay as input but are not trained
+    # cut inside the second reply: the part that fits is trained, with no <|im_end|> put at the cut
     cut = end_of_second - 3
-    x, y, mask = SFTDataset(path, tok, max_length=cut, cache_dir=tmp_path)[0]
+    ds = SFTDataset(path, tok, max_length=cut, cache_dir=tmp_path)
+    x, y, mask = ds[0]
     assert x.tolist() == ids[:cut - 1] and y.tolist() == ids[1:cut]
-    assert mask.tolist() == first_reply_only[1:cut]
-    assert tok.decode(y[mask.bool()].tolist()) == "等于2。<|im_end|>"
-    # cut right after the second <|im_end|>: both replies are trained
+    assert mask.tolist() == token_mask[1:cut]
+    trained = tok.decode(y[mask.bool()].tolist())
+    assert trained.startswith("等于2。<|im_end|>等于4") and not trained.endswith("<|im_end|>")
+    assert "等于4，这个答案比较长一些。".startswith(trained[len("等于2。<|im_end|>"):])
+    assert (ds.window.total, ds.window.cut, ds.window.skipped) == (1, 1, 0)
+    # cut right after the second <|im_end|>: both replies whole
     x, y, mask = SFTDataset(path, tok, max_length=end_of_second, cache_dir=tmp_path / "b")[0]
     assert mask.tolist() == token_mask[1:end_of_second]
-    # cut inside the first user turn: nothing is trained at all
-    x, y, mask = SFTDataset(path, tok, max_length=12, cache_dir=tmp_path / "c")[0]
-    assert len(x) == 11 and mask.sum() == 0
+    # cut inside the first user turn: nothing to train, so the sample is skipped (and counted)
+    ds = SFTDataset(path, tok, max_length=12, cache_dir=tmp_path / "c")
+    assert len(ds) == 0 and (ds.window.total, ds.window.cut, ds.window.skipped) == (1, 0, 1)
+
+
+def test_a_reply_starting_at_the_last_position_is_trained_on_one_token(tok, tmp_path):
+    conv = [user("1+1=?"), assistant("等于2。")]
+    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv}])
+    prompt = encode(tok, SYSTEM + "<|im_start|>user\n1+1=?<|im_end|>\n<|im_start|>assistant\n")
+    ds = SFTDataset(path, tok, max_length=len(prompt) + 1, cache_dir=tmp_path)
+    x, y, mask = ds[0]
+    assert mask.tolist() == [0] * (len(prompt) - 1) + [1]
+    assert len(SFTDataset(path, tok, max_length=len(prompt), cache_dir=tmp_path)) == 0  # reply starts outside
 
 
 def test_reasoning_data_uses_sft_dataset(tok, tmp_path):
@@ -150,6 +163,33 @@ def test_dpo_item_keys_and_masks(tok, tmp_path):
             (reply + "<|im_end|>", True), ("\n", False)])
         assert item[f"x_{side}"].tolist() == ids[:-1] and item[f"y_{side}"].tolist() == ids[1:]
         assert item[f"mask_{side}"].tolist() == token_mask[1:]
+
+
+def test_dpo_cut_pairs_train_the_visible_part_of_both_sides(tok, tmp_path):
+    question = [user("法国的首都？")]
+    long_chosen, long_rejected = "巴黎是法国的首都，也是最大的城市。" * 3, "柏林是法国的首都，这是错的。" * 3
+    row = {"chosen": question + [assistant(long_chosen)], "rejected": question + [assistant(long_rejected)]}
+    prompt = SYSTEM + "<|im_start|>user\n法国的首都？<|im_end|>\n<|im_start|>assistant\n"
+    cut = len(encode(tok, prompt)) + 5  # both replies are cut after their first 5 tokens
+    ds = DPODataset(write_jsonl(tmp_path / "d.jsonl", [row]), tok, max_length=cut, cache_dir=tmp_path)
+    item = ds[0]
+    for side, reply in (("chosen", long_chosen), ("rejected", long_rejected)):
+        ids, token_mask = expected_chat(tok, [(prompt, False), (reply + "<|im_end|>", True), ("\n", False)])
+        assert item[f"y_{side}"].tolist() == ids[1:cut] and item[f"mask_{side}"].tolist() == token_mask[1:cut]
+        assert item[f"mask_{side}"].sum() == 5
+    assert (ds.window.total, ds.window.cut, ds.window.skipped) == (1, 1, 0)
+
+
+def test_dpo_pair_with_one_untrainable_side_is_skipped(tok, tmp_path):
+    short, long = [user("q"), assistant("好")], [user("长" * 200), assistant("好")]
+    rows = [{"chosen": short, "rejected": short}, {"chosen": short, "rejected": long},
+            {"chosen": long, "rejected": short}, {"chosen": short, "rejected": [user("q"), assistant("好" * 200)]}]
+    ds = DPODataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_length=64, cache_dir=tmp_path)
+    assert [int(r["line"]) for r in ds.lines.index] == [1, 4]
+    assert (ds.window.total, ds.window.cut, ds.window.skipped) == (4, 1, 2)
+    assert ds.window_report() == ("2 of 4 pairs (50.0%) have a side with no reply inside --max_seq_len 64 and are "
+                                  "skipped; 1 (25.0%) are cut (trained on the part that fits)")
+    assert all(ds[i][f"mask_{side}"].sum() > 0 for i in range(len(ds)) for side in ("chosen", "rejected"))
 
 
 def test_dpo_collate_pads_both_sides_to_one_length(tok, tmp_path):
@@ -280,12 +320,83 @@ def test_skip_bad_lines_counts_and_reports(tok, tmp_path, capsys):
 
 
 def test_big_files_are_validated_lazily_still_naming_the_line(tok, tmp_path):
-    path = write_jsonl(tmp_path / "big.jsonl", [GOOD_SFT, GOOD_SFT, "not json"])
-    ds = SFTDataset(path, tok, cache_dir=tmp_path, validate_max_bytes=0)  # treat as a huge file
+    path = write_jsonl(tmp_path / "big.jsonl", [{"text": "a"}, {"text": "b"}, "not json"])
+    ds = PretrainDataset(path, tok, cache_dir=tmp_path, validate_max_bytes=0)  # treat as a huge file
     assert len(ds) == 3 and len(ds[0][0]) > 0
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=pad_collate)
     with pytest.raises(DataFormatError, match=r"big\.jsonl:3: not valid JSON"):
         next(iter(loader))
+
+
+def test_chat_data_is_checked_completely_when_its_samples_are_counted(tok, tmp_path):
+    # counting what fits reads every line, so even a huge chat file reports a bad line at once
+    path = write_jsonl(tmp_path / "big.jsonl", [GOOD_SFT, GOOD_SFT, "not json"])
+    with pytest.raises(DataFormatError, match=r"big\.jsonl:3: not valid JSON"):
+        SFTDataset(path, tok, cache_dir=tmp_path, validate_max_bytes=0)
+
+
+# ---------------------------------------------------------------- samples that do not fit
+
+def mixed_sft_rows():
+    """Fits / cut but trainable / nothing to train inside 64 tokens, in a known pattern."""
+    fits = {"conversations": [user("你好"), assistant("你好！")]}
+    cut = {"conversations": [user("讲个故事"), assistant("从前有座山，山里有座庙。" * 20)]}
+    dead = {"conversations": [user("请读这段话：" + "很长的文字。" * 60), assistant("好的。")]}
+    dead_multi = {"conversations": [user("长" * 200), assistant("一"), user("再来"), assistant("二")]}
+    return [fits, cut, dead, fits, dead_multi, cut, fits]
+
+
+def test_untrainable_samples_are_skipped_and_counted(tok, tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", mixed_sft_rows())
+    ds = SFTDataset(path, tok, max_length=64, cache_dir=tmp_path)
+    assert [int(r["line"]) for r in ds.lines.index] == [1, 2, 4, 6, 7]
+    assert ds.window_report() == ("2 of 7 samples (28.6%) have no reply inside --max_seq_len 64 and are skipped; "
+                                  "2 (28.6%) are cut (trained on the part that fits)")
+    for i in range(len(ds)):
+        x, y, mask = ds[i]
+        assert len(x) <= 63 and mask.sum() > 0
+    batch = pad_collate([ds[i] for i in range(len(ds))])
+    assert (batch["loss_mask"].sum(1) > 0).all()  # no all-masked row reaches a loss
+    # the counts are cached with the index; another window is another index
+    again = SFTDataset(path, tok, max_length=64, cache_dir=tmp_path)
+    assert again.window == ds.window and len(again) == 5
+    wide = SFTDataset(path, tok, max_length=4096, cache_dir=tmp_path)
+    assert (len(wide), wide.window.cut, wide.window.skipped) == (7, 0, 0)
+
+
+def test_skipped_samples_leave_no_stale_index_rows_after_pickling(tok, tmp_path):
+    import pickle
+    ds = SFTDataset(write_jsonl(tmp_path / "s.jsonl", mixed_sft_rows()), tok, max_length=64, cache_dir=tmp_path)
+    copy = pickle.loads(pickle.dumps(ds))  # as a DataLoader worker receives it
+    assert len(copy) == 5 and all(torch.equal(copy[i][2], ds[i][2]) for i in range(5))
+
+
+def test_forked_counting_gives_the_same_rows_as_one_process(tok, tmp_path):
+    import functools
+    from dataset.lm_dataset import chunked_fits, sft_fits
+    rows = mixed_sft_rows() * 5
+    ds = SFTDataset(write_jsonl(tmp_path / "s.jsonl", rows), tok, max_length=4096, cache_dir=tmp_path)
+    fits = functools.partial(sft_fits, tok, 64)
+    one = [(s, c.tolist(), t.tolist()) for s, c, t in chunked_fits(ds.lines, fits, chunk=6, workers=1)]
+    forked = [(s, c.tolist(), t.tolist()) for s, c, t in chunked_fits(ds.lines, fits, chunk=6, workers=2)]
+    assert one == forked and [s for s, _, _ in one] == list(range(0, 35, 6))
+    assert sum(sum(t) for _, _, t in one) == 25
+
+
+def test_reasoning_tags_keep_their_weight_in_a_cut_reply(tok, tmp_path):
+    from trainer.train_distill_reason import reasoning_token_weights, tag_token_ids
+    reply = "<think>\n先想一想：" + "一步一步地推理。" * 30 + "\n</think>\n<answer>\n2\n</answer>"
+    path = write_jsonl(tmp_path / "r.jsonl", [{"conversations": [user("1+1?"), assistant(reply)]}])
+    prompt = encode(tok, SYSTEM + "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n")
+    ds = SFTDataset(path, tok, max_length=len(prompt) + 20, cache_dir=tmp_path)  # cut inside the thinking
+    batch = pad_collate([ds[0]])
+    weights = reasoning_token_weights(batch["labels"], batch["loss_mask"], tag_token_ids(tok), 10.0)[0]
+    think = encode(tok, "<think>")
+    trained = batch["loss_mask"][0].bool()
+    assert trained.sum() == 20  # the visible part of the reply is trained
+    assert weights[trained][:len(think)].tolist() == [10.0] * len(think)  # the opening tag, weighted
+    assert weights[trained][len(think):].tolist() == [1.0] * (20 - len(think))  # no closing tag fits
+    assert weights[~trained].sum() == 0
 
 
 # ---------------------------------------------------------------- index cache
@@ -300,6 +411,60 @@ def test_index_is_cached_and_rebuilt_when_the_file_changes(tok, tmp_path):
     changed = PretrainDataset(path, tok, cache_dir=cache)
     assert not changed.lines.reused_index and len(changed) == 3
     assert list(cache.glob("*.tmp")) == [] and len(list(cache.glob("*.idx"))) == 2  # atomic, no leftovers
+
+
+def test_index_goes_next_to_the_data_by_default(tok, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = write_jsonl(data / "s.jsonl", [GOOD_SFT])
+    ds = SFTDataset(path, tok, max_length=64)
+    assert ds.lines.index_path.parent == data / ".minimind_cache"
+    assert len(list((data / ".minimind_cache").glob("s.jsonl.*.idx"))) == 2  # lines, and the trainable ones
+
+
+def test_index_falls_back_to_the_user_cache_when_the_data_folder_is_not_writable(tok, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = write_jsonl(data / "p.jsonl", [{"text": "一"}])
+    (data / ".minimind_cache").write_text("a file in the way: no cache folder can be made here")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    ds = PretrainDataset(path, tok)
+    assert ds.lines.index_path.parent == tmp_path / "xdg" / "minimind" / "index" and len(ds) == 1
+
+
+@pytest.mark.skipif(not (hasattr(os, "geteuid") and os.geteuid() == 0 and os.path.exists("/usr/bin/setpriv")),
+                    reason="needs root and setpriv to run as an unprivileged user")
+def test_read_only_data_folder_as_another_user_uses_the_home_cache(tmp_path):
+    import subprocess
+    import sys
+    data, home = tmp_path / "data", tmp_path / "home"
+    data.mkdir()
+    home.mkdir()
+    write_jsonl(data / "p.jsonl", [{"text": "一"}])
+    os.chmod(data, 0o555)
+    os.chmod(home, 0o777)
+    os.chmod(tmp_path, 0o755)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from dataset.lm_dataset import default_cache_dir; "
+            "print(default_cache_dir(sys.argv[2]))")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home)}
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code,
+                          REPO_ROOT, str(data / "p.jsonl")], capture_output=True, text=True, env=env, timeout=120)
+    if out.returncode != 0 and "Permission denied" in out.stderr:
+        pytest.skip("the Python environment is not readable by an unprivileged user")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(home / ".cache" / "minimind" / "index")
+    assert not (data / ".minimind_cache").exists()
+
+
+def test_git_lfs_pointer_gets_a_clear_message(tok, tmp_path):
+    pointer = tmp_path / "sft_mini_512.jsonl"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\n"
+                       "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+                       "size 1227154221\n")
+    for cls in (SFTDataset, PretrainDataset, DPODataset):
+        with pytest.raises(DataFormatError, match=r"sft_mini_512\.jsonl: this is a Git LFS pointer, not the data: "
+                                                  r"run `git lfs pull`.*1227154221 bytes"):
+            cls(str(pointer), tok, cache_dir=tmp_path)
 
 
 def test_lines_without_final_newline_and_crlf(tok, tmp_path):

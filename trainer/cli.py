@@ -17,8 +17,9 @@ from model.checkpoint import REPO_ROOT, SCRIPT_OF_STAGE
 from model.command_line import ArgumentParser, check_size_flags, default_device
 from trainer.processes import log
 
-DOWNLOAD_HINT = ("get the full data with `modelscope download --dataset gongjy/minimind_dataset --local_dir dataset` "
-                 "or `huggingface-cli download --repo-type dataset jingyaogong/minimind_dataset --local-dir dataset`")
+DOWNLOAD_HINT = ("get the full data with `hf download jingyaogong/minimind_dataset --repo-type dataset --local-dir dataset` "
+                 "or `pip install -U modelscope && modelscope download gongjy/minimind_dataset --repo-type dataset "
+                 "--local-dir dataset`")
 LENGTH_GROUP_WINDOW = 256  # samples sorted by length together with --group_by_length 1 (off by default)
 
 
@@ -31,6 +32,9 @@ def build_parser(description: str, **stage_defaults) -> argparse.ArgumentParser:
                        help="where resume states go")
     files.add_argument("--data_path", default=None,
                        help="training jsonl (default: the stage's file under dataset/, else its bundled demo file)")
+    files.add_argument("--cache_dir", default=None,
+                       help="where the line index of the data is cached (default: .minimind_cache/ next to the data "
+                            "file when that folder is writable, else ~/.cache/minimind/index or $XDG_CACHE_HOME)")
     files.add_argument("--from_weight", default="none",
                        help=f"stage whose weights to start from ({', '.join(SCRIPT_OF_STAGE)}), none = random init")
     files.add_argument("--resume", type=int, default=0, choices=[0, 1], help="1: continue from the resume state")

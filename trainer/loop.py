@@ -34,6 +34,8 @@ def train(args, runtime: Runtime, model: torch.nn.Module, dataset, collate_fn, l
     """Train `model` on `dataset` by minimising `loss_fn(model, batch) -> (loss, extras)`."""
     files = files or run_files(args)
     samples_per_step = args.batch_size * args.accumulation_steps * runtime.world_size
+    if hasattr(dataset, "window_report"):  # chat data: samples skipped (nothing to train) and cut
+        log(f"{args.data_path}: {dataset.window_report('--max_seq_len')}")
     steps_per_epoch = count_steps_per_epoch(len(dataset), samples_per_step, args.data_path)
     total_steps = steps_per_epoch * args.epochs  # the learning-rate schedule spans all epochs
     last_step = min(args.max_steps, total_steps) if args.max_steps else total_steps

@@ -56,12 +56,19 @@ def tag_positions(targets: torch.Tensor, tags: list[list[int]]) -> torch.Tensor:
     return found
 
 
+def reasoning_token_weights(labels: torch.Tensor, loss_mask: torch.Tensor, tags: list[list[int]],
+                            tag_weight: float) -> torch.Tensor:
+    """tag_weight on the trained tokens of complete tags, 1 on other trained tokens, 0 elsewhere
+    (a reply cut by max_seq_len keeps the weights of the tags that fit)."""
+    mask = loss_mask.float()
+    is_tag = tag_positions(labels, tags) & loss_mask.bool()
+    return torch.where(is_tag, torch.full_like(mask, tag_weight), mask)
+
+
 def make_reasoning_loss(tags: list[list[int]], tag_weight: float):
     def loss_fn(model, batch):
         out = forward_batch(model, batch)
-        mask = batch["loss_mask"].float()
-        is_tag = tag_positions(batch["labels"], tags) & batch["loss_mask"].bool()
-        weights = torch.where(is_tag, torch.full_like(mask, tag_weight), mask)
+        weights = reasoning_token_weights(batch["labels"], batch["loss_mask"], tags, tag_weight)
         loss = masked_cross_entropy(out.logits, batch["labels"], batch["loss_mask"], token_weights=weights)
         return with_aux_loss(model, loss, out)
     return loss_fn
@@ -74,7 +81,7 @@ def main(argv=None):
         tags = tag_token_ids(tokenizer)
         log("reasoning tags as tokens: " + ", ".join(f"{t}={ids}" for t, ids in zip(REASONING_TAGS, tags)))
         model = build_model(args, args.from_weight)
-        dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+        dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, cache_dir=args.cache_dir)
         return train(args, runtime, model, dataset, pad_collate, make_reasoning_loss(tags, args.tag_weight))
 
 

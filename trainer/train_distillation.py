@@ -75,7 +75,7 @@ def main(argv=None):
         teacher = teacher.to(runtime.device).eval().requires_grad_(False)
         student = build_model(args, args.from_weight)
         log(f"teacher: {describe_parameters(teacher)}; student: {describe_parameters(student)}")
-        dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len)
+        dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len, cache_dir=args.cache_dir)
         return train(args, runtime, student, dataset, pad_collate,
                      make_distillation_loss(teacher, args.alpha, args.temperature))
 

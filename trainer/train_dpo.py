@@ -90,7 +90,7 @@ def main(argv=None):
     with training_processes(args) as runtime:
         policy = build_model(args, args.from_weight)
         reference = build_model(args, args.from_weight).to(runtime.device).eval().requires_grad_(False)
-        dataset = DPODataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len)
+        dataset = DPODataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len, cache_dir=args.cache_dir)
         return train(args, runtime, policy, dataset, dpo_collate, make_dpo_loss(reference, args.beta))
 
 

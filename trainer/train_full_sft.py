@@ -31,7 +31,7 @@ def main(argv=None):
     args = parse_args(argv)
     with training_processes(args) as runtime:
         model = build_model(args, args.from_weight)
-        dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len)
+        dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len, cache_dir=args.cache_dir)
         return train(args, runtime, model, dataset, pad_collate, language_model_loss)
 
 

@@ -56,7 +56,7 @@ def main(argv=None):
     with training_processes(args) as runtime:
         model = build_model(args, args.from_weight)
         add_adapters(model, args.lora_rank)
-        dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len)
+        dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len, cache_dir=args.cache_dir)
         files = run_files(args, name=run_name(args.lora_name, args.hidden_size, args.use_moe), save_fn=save_lora,
                           weights=lora_path(args.out_dir, args.lora_name, args.hidden_size, args.use_moe))
         return train(args, runtime, model, dataset, pad_collate, language_model_loss, files)

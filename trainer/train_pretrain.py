@@ -36,7 +36,7 @@ def main(argv=None):
     args = parse_args(argv)
     with training_processes(args) as runtime:
         model = build_model(args, args.from_weight)
-        dataset = PretrainDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len)
+        dataset = PretrainDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len, cache_dir=args.cache_dir)
         collate = pack_collate if args.packing else pad_collate
         return train(args, runtime, model, dataset, collate, language_model_loss)
 
