@@ -116,3 +116,34 @@ def test_train_tokenizer_command_runs_as_written(tmp_path):
     words[words.index("--out_dir") + 1] = str(tmp_path / "my_tokenizer")  # not into the repository's out/
     run([sys.executable, *words[1:]], cwd=REPO_ROOT)
     assert (tmp_path / "my_tokenizer" / "tokenizer.json").is_file()
+
+
+def download_commands() -> list[str]:
+    """Every dataset download command printed anywhere: the pages' bash blocks and the one line a
+    trainer prints when the data is missing."""
+    from trainer.trainer_utils import DOWNLOAD_HINT
+    printed = bash_commands((README, *DOCS)) + [part.strip() for quoted in re.findall(r"`([^`]+)`", DOWNLOAD_HINT)
+                                                for part in quoted.split("&&")]
+    return [c for c in printed if c.split()[0] in ("hf", "modelscope", "huggingface-cli", "pip") and
+            ("minimind_dataset" in c or "modelscope" in c or "huggingface" in c)]
+
+
+def test_download_commands_work_as_printed():
+    commands = download_commands()
+    hf = [c for c in commands if c.startswith("hf download")]
+    modelscope = [c for c in commands if c.startswith("modelscope download")]
+    assert hf and modelscope and not [c for c in commands if c.startswith("huggingface-cli")]
+    for page in (README, *DOCS):
+        assert "huggingface-cli" not in read_page(page) and 'huggingface_hub[cli]' not in read_page(page)
+    # the hf CLI ships with the pinned huggingface_hub; click rejects an unknown option even with --help
+    binary = os.path.join(os.path.dirname(sys.executable), "hf")
+    for command in set(hf):
+        words = shlex.split(command)
+        assert words[1:4] == ["download", "jingyaogong/minimind_dataset", "--repo-type"], command
+        result = subprocess.run([binary, *words[1:], "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "Download files from the Hub" in result.stdout, result.stderr
+    # modelscope is not a dependency: every command comes with its install step, in today's syntax
+    # (`--dataset` and `--local_dir` are deprecated aliases in modelscope 1.40)
+    installs = [c for c in commands if c.startswith("pip install") and "modelscope" in c]
+    assert len(installs) == len(modelscope)
+    assert set(modelscope) == {"modelscope download gongjy/minimind_dataset --repo-type dataset --local-dir dataset"}

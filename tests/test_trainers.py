@@ -12,7 +12,7 @@ import torch
 from model.checkpoint import config_from_sizes, load_weights, lora_path, read_state_dict, save_weights
 from model.model_lora import apply_lora, load_lora
 from model.model_minimind import MiniMindForCausalLM
-from trainer_helpers import REPO_ROOT, TINY, dirs, metrics, train
+from trainer_helpers import REPO_ROOT, TINY, dirs, max_difference, metrics, resume_model, train, write_chat_data
 
 FEW_STEPS = ["--batch_size", "2", "--max_steps", "2", "--log_interval", "1"]
 
@@ -145,6 +145,39 @@ def test_repeated_nan_steps_stop_the_run_without_writing_bad_weights(tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "pretrain_64_resume.pth", weights_only=True)
     assert state["step"] == 2  # nothing was saved after the failures began
     load_strict(tmp_path / "out" / "pretrain_64.pth")
+
+
+@pytest.mark.parametrize("script, stage, name", [("train_full_sft.py", "sft", "full_sft_64"),
+                                                ("train_distill_reason.py", "reason", "reason_64"),
+                                                ("train_dpo.py", "dpo", "rlhf_64")])
+def test_untrainable_samples_are_skipped_said_and_never_give_a_zero_loss(tmp_path, script, stage, name):
+    data, total, dead = write_chat_data(tmp_path / f"{stage}.jsonl", stage)
+    result = train(script, tmp_path, "--from_weight", "none", "--data_path", data, "--max_seq_len", "64",
+                   "--batch_size", "2", "--max_steps", "4", "--log_interval", "1", "--learning_rate", "1e-4")
+    unit, what = ("pairs", "have a side with no reply") if stage == "dpo" else ("samples", "have no reply")
+    share = f"{100 * dead / total:.1f}%"
+    assert f"{dead} of {total} {unit} ({share}) {what} inside --max_seq_len 64 and are skipped; " in result.stdout
+    assert f"{total - dead} samples" in result.stdout  # what the run trains on
+    records = metrics(tmp_path, name)
+    assert len(records) == 4 and all(r["loss"] != 0.0 and math.isfinite(r["loss"]) for r in records)
+    if stage == "dpo":  # after the first update, a batch of dead pairs would still log log(2) with margin 0
+        assert all(r["reward_margin"] != 0 for r in records[1:])
+
+
+def test_resume_is_exact_with_skipped_samples(tmp_path):
+    data, _, _ = write_chat_data(tmp_path / "sft.jsonl", "sft", copies=6)
+    flags = ["--from_weight", "none", "--data_path", data, "--max_seq_len", "64", "--batch_size", "2",
+             "--learning_rate", "1e-3", "--save_interval", "3", "--cache_dir", str(tmp_path / "index")]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    train("train_full_sft.py", straight, *flags, "--max_steps", "6")
+    train("train_full_sft.py", resumed, *flags, "--max_steps", "3")
+    result = train("train_full_sft.py", resumed, *flags, "--max_steps", "6", "--resume", "1")
+    assert "resumed full_sft_64" in result.stdout
+    assert max_difference(resume_model(resumed, "full_sft_64"), resume_model(straight, "full_sft_64")) < 1e-6
+    assert [r["loss"] for r in metrics(resumed, "full_sft_64")] == [r["loss"] for r in metrics(straight, "full_sft_64")]
+    assert list((tmp_path / "index").glob("sft.jsonl.*.idx"))  # --cache_dir: the index went there
+    assert not (tmp_path / ".minimind_cache").exists()
 
 
 def identity_question_and_answer():

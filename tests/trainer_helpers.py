@@ -55,3 +55,26 @@ def metrics(tmp, name: str) -> list[dict]:
     import json
     with open(tmp / "out" / f"{name}_metrics.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+def write_chat_data(path, stage: str, copies: int = 4):
+    """A small chat file for `stage` (sft, reason or dpo) where, at --max_seq_len 64, some samples
+    fit, some are cut inside a reply, and some have no reply inside the window at all (a long
+    first question). Returns (path, number of samples, number with nothing to train)."""
+    import json
+    ask, long_ask = {"role": "user", "content": "你好"}, {"role": "user", "content": "请读这段话：" + "很长的文字。" * 60}
+
+    def reply(text):
+        if stage == "reason":
+            text = f"<think>\n想一想。\n</think>\n<answer>\n{text}\n</answer>"
+        return {"role": "assistant", "content": text}
+
+    chats = [[ask, reply("你好！")], [ask, reply("从前有座山，山里有座庙。" * 20)], [long_ask, reply("好的。")]]
+    if stage == "dpo":
+        rows = [{"chosen": chat, "rejected": chat[:1] + [reply("不知道。")]} for chat in chats]
+    else:
+        rows = [{"conversations": chat} for chat in chats]
+    rows = rows * copies
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return str(path), len(rows), copies
