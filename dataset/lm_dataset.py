@@ -30,8 +30,9 @@ Bad lines. A line that is not JSON, lacks its keys, has roles out of order or an
 assistant turn raises DataFormatError("path:line: what is wrong").
   - Files up to `validate_max_bytes` (256 MB by default: the demo files, sft_mini_512) are
     checked completely while the index is built, so errors appear before training starts.
-  - Bigger files are checked lazily, line by line in __getitem__ (a full JSON pass over
-    7.5 GB would take minutes on every new file); the error still names file and line.
+  - Bigger pretraining files are checked lazily, line by line in __getitem__ (a full JSON pass
+    over a huge file would take minutes); the error still names file and line. Chat files
+    are read whole by their first open anyway (the counting pass below), which checks them.
   - skip_bad_lines=True always does the full pass, drops the bad lines from the index and
     prints how many were dropped (and the first few line numbers).
 """
