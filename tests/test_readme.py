@@ -121,7 +121,7 @@ def test_train_tokenizer_command_runs_as_written(tmp_path):
 def download_commands() -> list[str]:
     """Every dataset download command printed anywhere: the pages' bash blocks and the one line a
     trainer prints when the data is missing."""
-    from trainer.trainer_utils import DOWNLOAD_HINT
+    from trainer.cli import DOWNLOAD_HINT
     printed = bash_commands((README, *DOCS)) + [part.strip() for quoted in re.findall(r"`([^`]+)`", DOWNLOAD_HINT)
                                                 for part in quoted.split("&&")]
     return [c for c in printed if c.split()[0] in ("hf", "modelscope", "huggingface-cli", "pip") and
