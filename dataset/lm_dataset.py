@@ -644,10 +644,11 @@ def pack_collate(batch):
 
     Row capacity is the longest item of the batch, so the batch usually has fewer, fuller
     rows than items. Returns, besides input_ids/labels/loss_mask:
-      position_ids    (B, T)        restart at 0 at every document, as if it were alone
-      attention_mask  (B, 1, T, T)  bool, True = may attend: causal and block-diagonal
-    Padding positions attend only to themselves (a row with no True would give NaN) and
-    have loss_mask 0. With these, each document's loss equals its unpacked loss.
+      position_ids  (B, T)  restart at 0 at every document, as if it were alone
+      document_ids  (B, T)  0, 1, 2, ... per document of the row, -1 on padding
+    The model turns document_ids into its causal, block-diagonal attention mask on its own
+    device (model_minimind.document_attention_mask), so no B x T x T mask is built here or
+    copied to the GPU. Padding has loss_mask 0. Each document's loss equals its unpacked loss.
     """
     capacity = max(len(x) for x, _, _ in batch)
     rows = pack_into_rows([len(x) for x, _, _ in batch], capacity)
@@ -655,7 +656,7 @@ def pack_collate(batch):
     labels = torch.full_like(input_ids, PAD_ID)
     loss_mask = torch.zeros_like(input_ids)
     position_ids = torch.zeros_like(input_ids)
-    doc_ids = torch.full_like(input_ids, -1)  # -1 = padding
+    document_ids = torch.full_like(input_ids, -1)  # -1 = padding
     for r, members in enumerate(rows):
         pos = 0
         for doc, i in enumerate(members):
@@ -663,14 +664,10 @@ def pack_collate(batch):
             n = len(x)
             input_ids[r, pos:pos + n], labels[r, pos:pos + n], loss_mask[r, pos:pos + n] = x, y, m
             position_ids[r, pos:pos + n] = torch.arange(n)
-            doc_ids[r, pos:pos + n] = doc
+            document_ids[r, pos:pos + n] = doc
             pos += n
-    same_doc = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, :, None] >= 0)
-    causal = torch.ones(capacity, capacity, dtype=torch.bool).tril()
-    diagonal = torch.eye(capacity, dtype=torch.bool)
-    attention_mask = ((same_doc & causal) | diagonal)[:, None, :, :]
     return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
-            "position_ids": position_ids, "attention_mask": attention_mask}
+            "position_ids": position_ids, "document_ids": document_ids}
 
 
 packed_collate = pack_collate  # alias

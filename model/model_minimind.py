@@ -151,13 +151,24 @@ def rope_inverse_frequencies(config: MiniMindConfig) -> tuple[torch.Tensor, floa
 
 def rotary_cos_sin(inv_freq: torch.Tensor, attention_scale: float, position_ids: torch.Tensor,
                    dtype: torch.dtype):
-    """cos/sin tables for the given positions, shape (batch, seq, head_dim).
+    """cos/sin tables for the given positions, shape (batch, seq, head_dim), in `dtype`.
 
+    The angles are computed in fp32 (positions up to 32k need its precision), then cast to the
+    dtype q and k have, so that rotating them keeps them in that dtype: under bf16 autocast a
+    fp32 table would silently promote q and k to fp32 in every layer.
     Computed from position_ids at each forward (not stored as a buffer), so padded batches and
     packed documents get the right angles and there is no table to keep in the checkpoint."""
     angles = position_ids[..., None].float() * inv_freq
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: [θ0..θd/2, θ0..θd/2]
     return (angles.cos() * attention_scale).to(dtype), (angles.sin() * attention_scale).to(dtype)
+
+
+def activation_dtype(hidden_states: torch.Tensor) -> torch.dtype:
+    """The dtype the linear layers produce: autocast's dtype when it is on, else the input's."""
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden_states.dtype
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -179,12 +190,15 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, query_len: int, past_len: int,
-                         device: torch.device) -> torch.Tensor | None:
+                         device: torch.device, document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """The boolean (batch, 1, query, key) mask for attention, True = may attend, or None when
     plain causal attention is enough (then SDPA's `is_causal` fast path is used).
 
     `attention_mask` is either a 2D padding mask (batch, past + query) with 1 on real tokens,
-    or an explicit 4D boolean mask that is passed through (used for packed documents)."""
+    or an explicit 4D boolean mask that is passed through. `document_ids` (batch, seq), from
+    packed batches, keeps each document to itself (see document_attention_mask)."""
+    if document_ids is not None:
+        return document_attention_mask(document_ids.to(device))
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.bool()
     has_padding = attention_mask is not None and not bool(attention_mask.all())
@@ -201,9 +215,35 @@ def build_attention_mask(attention_mask: torch.Tensor | None, query_len: int, pa
     return mask
 
 
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Causal attention inside each packed document: (batch, seq) ids -> (batch, 1, seq, seq).
+
+    Built where the ids are (on the GPU in training), so the collate function ships B x T ids
+    instead of a B x T x T mask. Padding (id -1) attends only to itself, so no row is empty."""
+    seq = document_ids.shape[1]
+    position = torch.arange(seq, device=document_ids.device)
+    causal = position[None, :] <= position[:, None]
+    same_document = (document_ids[:, :, None] == document_ids[:, None, :]) & (document_ids[:, :, None] >= 0)
+    itself = position[None, :] == position[:, None]
+    return ((same_document & causal) | itself)[:, None]
+
+
 # ----------------------------------------------------------------------------------------------
 # Attention, feed-forward and mixture of experts
 # ----------------------------------------------------------------------------------------------
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_kernel_applies(q: torch.Tensor) -> bool:
+    """Whether SDPA's flash kernel can take this query: CUDA, half precision, sm80 or newer."""
+    return q.is_cuda and q.dtype in FLASH_DTYPES and cuda_capability(q.device) >= (8, 0)
+
+
+@torch.compiler.assume_constant_result  # a fixed fact of the machine: torch.compile folds it in
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA) and rotary positions."""
@@ -232,16 +272,18 @@ class Attention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)  # returns all keys/values so far
         n_rep = self.num_heads // self.num_kv_heads
         dropout = self.dropout if self.training else 0.0
-        if self.flash_attn and mask is None:
-            # enable_gqa lets the kernel share each kv head among its query heads without copying
+        if not self.flash_attn:
+            out = self.manual_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout)
+        elif mask is None and flash_kernel_applies(q):
+            # the flash kernel shares each kv head among its query heads itself, without a copy
             is_causal = seq > 1 and k.shape[2] == seq
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal, enable_gqa=True)
-        elif self.flash_attn:
-            # with an explicit mask some CUDA kernels lack GQA support: copy the kv heads instead
-            out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
-                                                 dropout_p=dropout)
         else:
-            out = self.manual_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout)
+            # Elsewhere enable_gqa would leave only the O(T²)-memory math kernel (fp32, GPUs before
+            # sm80, explicit masks); with copied kv heads the memory-efficient kernel can run.
+            is_causal = mask is None and seq > 1 and k.shape[2] == seq
+            out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
+                                                 dropout_p=dropout, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(batch, seq, -1)
         return self.resid_dropout(self.o_proj(out))
 
@@ -335,41 +377,31 @@ class MOEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
         topk_idx, topk_weight, self.aux_loss = self.gate(x)
-        tokens = x.reshape(-1, hidden)
-        route = self.route_training if self.training else self.route_inference
-        y = route(tokens, topk_idx, topk_weight).view(batch, seq, hidden)
+        y = self.route(x.reshape(-1, hidden), topk_idx, topk_weight).view(batch, seq, hidden)
         for expert in self.shared_experts:
             y = y + expert(x)
         return y
 
-    def route_training(self, tokens, topk_idx, topk_weight):
-        """Copy each token once per slot and run every expert on its copies. Every expert runs,
-        even on zero tokens, so each one is in the autograd graph and DDP sees all gradients."""
-        copies = tokens.repeat_interleave(self.top_k, dim=0)
-        expert_of_copy = topk_idx.view(-1)
-        out = torch.empty_like(copies)
-        for e, expert in enumerate(self.experts):
-            chosen = expert_of_copy == e
-            out[chosen] = expert(copies[chosen]).to(out.dtype)
-        out = out.view(-1, self.top_k, tokens.shape[-1]) * topk_weight.unsqueeze(-1).to(out.dtype)
-        return out.sum(dim=1)
+    def route(self, tokens, topk_idx, topk_weight):
+        """Run each routed expert once, on all the tokens routed to it, and add its weighted
+        outputs back at those tokens.
 
-    @torch.no_grad()
-    def route_inference(self, tokens, topk_idx, topk_weight):
-        """Same result, cheaper: sort slots by expert and run each expert once on its tokens."""
-        expert_of_slot = topk_idx.view(-1)
-        order = expert_of_slot.argsort()
+        The (token, slot) pairs are sorted by expert, so each expert's tokens are one contiguous
+        slice: the only thing that crosses to the host is the n_routed expert sizes, once per
+        layer (no per-expert boolean indexing, whose hidden nonzero() syncs on every expert;
+        torch.compile traces it whole with capture_scalar_outputs). Every expert runs, on zero
+        tokens if none chose it, so each one is in the autograd graph and DDP sees all gradients."""
+        n_experts = len(self.experts)
+        expert_of_slot = topk_idx.reshape(-1)
+        order = expert_of_slot.argsort(stable=True)
         token_of_slot = order // self.top_k
-        weight_of_slot = topk_weight.view(-1)[order].unsqueeze(-1)
-        counts = torch.bincount(expert_of_slot, minlength=len(self.experts)).tolist()
-        out = torch.zeros_like(tokens)
-        start = 0
-        for expert, count in zip(self.experts, counts):
-            if count:
-                idx = token_of_slot[start:start + count]
-                out.index_add_(0, idx, (expert(tokens[idx]) * weight_of_slot[start:start + count]).to(out.dtype))
-            start += count
-        return out
+        # a scatter, not bincount: its output has a fixed shape, which torch.compile can trace
+        sizes = torch.zeros(n_experts, dtype=torch.long, device=tokens.device).scatter_add_(
+            0, expert_of_slot, torch.ones_like(expert_of_slot)).tolist()
+        expert_inputs = tokens[token_of_slot].split(sizes)
+        expert_outputs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, expert_inputs)])
+        weight_of_slot = topk_weight.reshape(-1)[order].unsqueeze(-1).to(tokens.dtype)
+        return torch.zeros_like(tokens).index_add(0, token_of_slot, expert_outputs.to(tokens.dtype) * weight_of_slot)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +448,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, inputs_embeds=None, **kwargs):
+                use_cache=False, inputs_embeds=None, document_ids=None, **kwargs):
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         query_len = hidden_states.shape[1]
         if use_cache and past_key_values is None:
@@ -425,8 +457,8 @@ class MiniMindModel(MiniMindPreTrainedModel):
         if position_ids is None:
             position_ids = self.default_position_ids(attention_mask, query_len, past_len, hidden_states.device)
         inv_freq, attention_scale = self.rope_frequencies(hidden_states.device)
-        cos, sin = rotary_cos_sin(inv_freq, attention_scale, position_ids, hidden_states.dtype)
-        mask = build_attention_mask(attention_mask, query_len, past_len, hidden_states.device)
+        cos, sin = rotary_cos_sin(inv_freq, attention_scale, position_ids, activation_dtype(hidden_states))
+        mask = build_attention_mask(attention_mask, query_len, past_len, hidden_states.device, document_ids)
 
         hidden_states = self.dropout(hidden_states)
         for layer in self.layers:
@@ -463,10 +495,13 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, labels=None, logits_to_keep: int = 0, inputs_embeds=None, **kwargs):
+                use_cache=False, labels=None, logits_to_keep: int = 0, inputs_embeds=None, document_ids=None,
+                **kwargs):
+        """`document_ids` (batch, seq), -1 on padding: packed rows, attention kept inside each document."""
         hidden_states, past_key_values, aux_loss = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds)
+            past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds,
+            document_ids=document_ids)
         if logits_to_keep:  # generation only needs the last position's logits
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from dataset.lm_dataset import (DataFormatError, DPODataset, LengthGroupedSampler, PretrainDataset,
                                 SFTDataset, dpo_collate, pack_collate, pad_collate)
+from model.model_minimind import document_attention_mask
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
@@ -225,14 +226,14 @@ def test_pack_collate_layout(tok, tmp_path):
     batch = pack_collate(items)
     rows, length = batch["input_ids"].shape
     assert length == max(len(x) for x, _, _ in items) and rows < len(items)
-    assert batch["attention_mask"].shape == (rows, 1, length, length) and batch["attention_mask"].dtype == torch.bool
+    assert batch["document_ids"].shape == (rows, length) and "attention_mask" not in batch  # no T x T mask
     assert batch["loss_mask"].sum() == sum(len(x) for x, _, _ in items)  # every real token, no padding
     # position ids restart at 0 at each document start (each document begins with bos = 1)
     starts = batch["input_ids"] == 1
     assert (batch["position_ids"][starts] == 0).all()
     assert int(starts.sum()) == len(items)
     # a token never attends to a token of another document or to the future
-    mask = batch["attention_mask"][:, 0]
+    mask = document_attention_mask(batch["document_ids"])[:, 0]
     assert not mask.triu(1).any()
     for r in range(rows):
         doc = torch.cumsum(starts[r].long(), 0)
@@ -251,8 +252,7 @@ def tiny_model():
 
 def summed_loss(model, batch):
     """Sum of the masked per-token cross entropy of a collated batch."""
-    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"))
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"))
     ce = F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="none")
     return (ce * batch["loss_mask"].flatten()).sum()
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from model import model_minimind
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, MOEFeedForward, rope_inverse_frequencies
 
 VOCAB = 6400
@@ -155,21 +156,122 @@ def test_generate_left_padded_batch_equals_single_prompts():
     assert torch.equal(out[1], alone_long[0])
 
 
+# --- attention kernels and dtypes -----------------------------------------------------------------
+
+class SdpaSpy:
+    """Wraps the real F.scaled_dot_product_attention and records what each call received."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = F.scaled_dot_product_attention
+
+        def spy(q, k, v, attn_mask=None, **kwargs):
+            self.calls.append(dict(dtypes=(q.dtype, k.dtype, v.dtype), kv_heads=k.shape[1],
+                                   enable_gqa=kwargs.get("enable_gqa", False), mask=attn_mask is not None))
+            return real(q, k, v, attn_mask=attn_mask, **kwargs)
+        monkeypatch.setattr(model_minimind.F, "scaled_dot_product_attention", spy)
+
+
+def test_attention_gets_one_dtype_under_bf16_autocast(monkeypatch):
+    model = tiny_model()
+    spy = SdpaSpy(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(random_ids(2, 12))
+    assert len(spy.calls) == 2  # one per layer
+    assert all(call["dtypes"] == (torch.bfloat16,) * 3 for call in spy.calls), spy.calls
+
+
+def test_gqa_kernel_only_where_flash_applies(monkeypatch):
+    """Off CUDA (and on CUDA in fp32, before sm80, or with a mask) the kv heads are copied, so
+    the memory-efficient kernel can run; where flash applies the kernel shares them itself.
+    Both give the same logits."""
+    model = tiny_model()
+    ids = random_ids(2, 12)
+    spy = SdpaSpy(monkeypatch)
+    expanded = model(ids).logits
+    assert [(c["enable_gqa"], c["kv_heads"]) for c in spy.calls] == [(False, 4)] * 2
+    monkeypatch.setattr(model_minimind, "flash_kernel_applies", lambda q: True)
+    spy.calls.clear()
+    shared = model(ids).logits
+    assert [(c["enable_gqa"], c["kv_heads"]) for c in spy.calls] == [(True, 2)] * 2
+    assert torch.allclose(expanded, shared, atol=1e-5)
+    spy.calls.clear()
+    model(ids, document_ids=torch.zeros_like(ids))  # an explicit mask: never the GQA kernel
+    assert [(c["enable_gqa"], c["mask"]) for c in spy.calls] == [(False, True)] * 2
+
+
+def test_document_ids_mask_equals_the_explicit_block_diagonal_mask():
+    model = tiny_model()
+    ids = random_ids(2, 10)
+    document_ids = torch.tensor([[0] * 4 + [1] * 6, [0] * 7 + [-1] * 3])
+    position_ids = torch.tensor([list(range(4)) + list(range(6)), list(range(7)) + [0] * 3])
+    mask = model_minimind.document_attention_mask(document_ids)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    assert torch.equal(mask[0, 0], causal & (document_ids[0, :, None] == document_ids[0, None, :]))
+    assert torch.equal(mask[1, 0, 7:], torch.eye(10, dtype=torch.bool)[7:])  # padding sees itself only
+    a = model(ids, document_ids=document_ids, position_ids=position_ids).logits
+    b = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    assert torch.equal(a, b)
+    alone = model(ids[:1, 4:], position_ids=position_ids[:1, 4:]).logits  # the second document by itself
+    assert torch.allclose(a[0, 4:], alone[0], atol=1e-5)
+
+
 # --- mixture of experts ---------------------------------------------------------------------------
 
 def moe_layer(model) -> MOEFeedForward:
     return model.model.layers[0].mlp
 
 
-def test_moe_training_path_equals_inference_path():
-    model = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2)
+def boolean_index_route(layer: MOEFeedForward, tokens, topk_idx, topk_weight):
+    """The route MiniMind2 trains with: a copy of each token per slot, each expert run on the
+    copies a boolean mask picks. The reference for MOEFeedForward.route."""
+    copies = tokens.repeat_interleave(layer.top_k, dim=0)
+    expert_of_copy = topk_idx.view(-1)
+    out = torch.empty_like(copies)
+    for e, expert in enumerate(layer.experts):
+        chosen = expert_of_copy == e
+        out[chosen] = expert(copies[chosen]).to(out.dtype)
+    return (out.view(-1, layer.top_k, tokens.shape[-1]) * topk_weight.unsqueeze(-1)).sum(dim=1)
+
+
+def test_moe_sorted_route_equals_boolean_index_route_with_gradients():
+    model = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2).train()
     layer = moe_layer(model)
     x = torch.randn(3, 10, 64)
     topk_idx, topk_weight, _ = layer.gate(x)
-    tokens = x.reshape(-1, 64)
-    train = layer.route_training(tokens, topk_idx, topk_weight)
-    infer = layer.route_inference(tokens, topk_idx, topk_weight)
-    assert torch.allclose(train, infer, atol=1e-6)
+    topk_idx[0] = torch.tensor([3, 1])  # make sure the sort has to reorder
+    results = []
+    for route in (layer.route, lambda *a: boolean_index_route(layer, *a)):
+        tokens = x.reshape(-1, 64).clone().requires_grad_(True)
+        weights = topk_weight.detach().clone().requires_grad_(True)
+        model.zero_grad()
+        out = route(tokens, topk_idx, weights)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), tokens.grad, weights.grad,
+                        [e.up_proj.weight.grad.clone() for e in layer.experts]))
+    (out_a, tok_a, w_a, experts_a), (out_b, tok_b, w_b, experts_b) = results
+    assert torch.allclose(out_a, out_b, atol=1e-6)
+    assert torch.allclose(tok_a, tok_b, atol=1e-6) and torch.allclose(w_a, w_b, atol=1e-6)
+    for a, b in zip(experts_a, experts_b):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_moe_route_compiles_without_graph_breaks():
+    """MiniMind2's boolean-index route breaks the compiled graph at its experts (10 breaks at 2
+    layers of 4 experts, measured with torch 2.13 and the same settings); the sorted route, with
+    capture_scalar_outputs as the trainers' --compile sets it, is one graph."""
+    model = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2).train()
+    ids = random_ids(2, 8)
+
+    def step(ids):
+        out = model(ids, labels=ids)
+        return out.loss + out.aux_loss
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        explained = torch._dynamo.explain(step)(ids)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    assert explained.graph_count == 1
 
 
 def test_moe_aux_loss_positive_in_training_zero_in_eval():

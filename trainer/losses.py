@@ -24,9 +24,9 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask:
 
 
 def forward_batch(model, batch: dict):
-    """Run the model on a collated batch; packed batches bring their own positions and mask."""
+    """Run the model on a collated batch; packed batches bring their own positions and documents."""
     return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                 position_ids=batch.get("position_ids"))
+                 position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"))
 
 
 def language_model_loss(model, batch: dict):
