@@ -34,7 +34,7 @@ from model.checkpoint import (REPO_ROOT, SCRIPT_OF_STAGE, STAGE_OF_MODEL_MODE, c
 from model.engine import (EOS_TOKEN_ID, Engine, IncrementalDecoder, SamplingParams,  # noqa: F401 (re-exported)
                           StopStringFilter, held_back_length)
 from model.model_lora import apply_lora, load_lora, merge_lora
-from model.model_minimind import MiniMindForCausalLM  # also registers "minimind" with the Auto* classes
+from model.model_minimind import MiniMindForCausalLM, fast_half_dtype  # also registers "minimind" with the Auto* classes
 
 DEFAULT_TOKENIZER_DIR = Path(REPO_ROOT) / "model"
 # A fast tokenizer switches special-token splitting on and off around each encode call (state
@@ -89,10 +89,12 @@ def model_args(**overrides) -> argparse.Namespace:
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """--dtype auto: the half precision this GPU runs on tensor cores (bf16 from sm80, else
+    fp16), asked of the chosen device itself (cuda:1 is not cuda:0); float32 elsewhere."""
     if name != "auto":
         return getattr(torch, name)
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return fast_half_dtype(torch.device(device))
     return torch.float32
 
 

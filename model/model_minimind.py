@@ -245,6 +245,13 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def fast_half_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU computes it on tensor cores (compute capability 8.0+: A100, RTX 30xx
+    and newer), else fp16. torch.cuda.is_bf16_supported() also counts emulated bf16 (T4, V100,
+    RTX 20xx), which runs without tensor cores or flash attention."""
+    return torch.bfloat16 if cuda_capability(device) >= (8, 0) else torch.float16
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA) and rotary positions."""
 

@@ -59,8 +59,10 @@ def build_parser(description: str, **stage_defaults) -> argparse.ArgumentParser:
     run = p.add_argument_group("hardware and logging")
     run.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: cuda if available)")
     run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="autocast precision (default: bfloat16 on CUDA, float32 on CPU)")
-    run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+                     help="autocast precision (default on CUDA: bfloat16 from compute capability 8.0 (A100, RTX 30xx "
+                          "and newer), else float16; float32 on CPU)")
+    run.add_argument("--num_workers", type=int, default=None,
+                     help="DataLoader worker processes (default: up to 4 per process on CUDA, 0 on CPU)")
     run.add_argument("--group_by_length", type=int, default=0, choices=[0, 1],
                      help=f"1: batch samples of similar length together (sorted inside shuffled windows of "
                           f"{LENGTH_GROUP_WINDOW} samples): less padding, but less varied batches, which hurt "
@@ -89,7 +91,9 @@ def finish_args(parser: argparse.ArgumentParser, stage: str, data_file: str, dem
     run could use with one line and exit code 2."""
     args = args if args is not None else parser.parse_args(argv)
     args.stage = stage
-    args.dtype = args.dtype or default_dtype(args.device)
+    if not args.device.startswith("cuda"):
+        args.dtype = args.dtype or "float32"  # bf16 autocast works on CPU but is slower than fp32 on most CPUs
+    # on CUDA, init_runtime asks the rank's own GPU (after set_device) for the default dtype
     args.wandb_project = args.wandb_project or f"MiniMind-{stage}"
     for flag in ("epochs", "batch_size", "accumulation_steps", "hidden_size", "num_hidden_layers", "max_seq_len",
                  "log_interval", "save_interval"):
@@ -111,12 +115,6 @@ def finish_args(parser: argparse.ArgumentParser, stage: str, data_file: str, dem
         parser.error(f"--debug_nan_steps {args.debug_nan_steps!r}: expected steps like 3,7-9")
     args.data_path = resolve_data_path(parser, args.data_path, data_file, demo_file)
     return args
-
-
-def default_dtype(device: str) -> str:
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"  # bf16 autocast works on CPU but is slower than fp32 on most CPUs
 
 
 def resolve_data_path(parser, data_path: str | None, data_file: str, demo_file: str) -> str:

@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from model.command_line import UserError
+from trainer.accelerator import loader_settings
 from trainer.cli import LENGTH_GROUP_WINDOW
-from trainer.processes import ignore_stop_signals
+from trainer.processes import ignore_stop_signals, local_processes
 
 
 class StepBatchSampler:
@@ -110,11 +111,12 @@ class CountingCollate:
 
 
 def make_loader(dataset, collate_fn, args, runtime, epoch: int, skip_samples: int) -> DataLoader:
-    """This rank's micro-batches of one epoch, from `skip_samples` samples into its order on."""
+    """This rank's micro-batches of one epoch, from `skip_samples` samples into its order on
+    (workers and pinned memory: accelerator.loader_settings)."""
     lengths = sample_lengths(dataset) if args.group_by_length else None
     sampler = StepBatchSampler(len(dataset), args.batch_size, args.accumulation_steps, runtime.rank,
                                runtime.world_size, args.seed, epoch, skip_samples,
                                lengths=lengths, group_size=LENGTH_GROUP_WINDOW)
+    settings = loader_settings(runtime.device, args.num_workers, local_processes())
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=CountingCollate(collate_fn),
-                      num_workers=args.num_workers, pin_memory=runtime.device.type == "cuda",
-                      worker_init_fn=ignore_stop_signals if args.num_workers else None)
+                      worker_init_fn=ignore_stop_signals if settings["num_workers"] else None, **settings)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.accelerator import TORCH_DTYPES, make_optimizer
 from trainer.checkpoints import (RunFiles, TrainingDiverged, TrainState, load_resume_state, run_files,
                                  save_checkpoint, write_run_info)
 from trainer.data_order import count_steps_per_epoch, make_loader
@@ -26,7 +27,6 @@ from trainer.processes import Interrupted, Runtime, StopRequest, log, seed_every
 from trainer.reporting import Reporter, describe_parameters
 
 MAX_BAD_STEPS_IN_A_ROW = 5  # non-finite steps tolerated in a row before the run is stopped
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def train(args, runtime: Runtime, model: torch.nn.Module, dataset, collate_fn, loss_fn,
@@ -93,7 +93,7 @@ def prepare_training(model: torch.nn.Module, args, runtime: Runtime) -> TrainSta
     if runtime.use_deepspeed:
         engine, optimizer, zero_stage = wrap_deepspeed(model, params, args)
         return TrainState(model, optimizer, scaler, engine, zero_stage)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
+    optimizer = make_optimizer(params, args.learning_rate, runtime.device)
     return TrainState(model, optimizer, scaler, wrap_model(model, args, runtime))
 
 

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from trainer.accelerator import compile_model, deepspeed_precision, default_dtype, enable_fast_matmul
+
 
 @dataclass
 class Runtime:
@@ -71,13 +73,19 @@ def init_runtime(args) -> Runtime:
     device = torch.device(args.device)
     if not on_cuda and dist.is_initialized() and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one machine share its cores; oversubscribed threads slow everyone down
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes()))
     if on_cuda and dist.is_initialized():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    args.dtype = args.dtype or default_dtype(device)  # after set_device: this rank's own GPU decides
+    enable_fast_matmul(device)
     _IS_MAIN_PROCESS = rank == 0
     return Runtime(rank, local_rank, world_size, device, bool(args.deepspeed))
+
+
+def local_processes() -> int:
+    """Training processes on this machine (they share its CPU cores)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
 def shutdown(runtime: Runtime) -> None:
@@ -110,7 +118,7 @@ def wrap_model(model: torch.nn.Module, args, runtime: Runtime) -> torch.nn.Modul
     engine = model
     if args.compile:
         log("torch.compile: compiling the model (the first steps are slow)")
-        engine = torch.compile(engine)
+        engine = compile_model(engine)
     if runtime.distributed:
         device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
         engine = DistributedDataParallel(engine, device_ids=device_ids)
@@ -119,7 +127,7 @@ def wrap_model(model: torch.nn.Module, args, runtime: Runtime) -> torch.nn.Modul
 
 def deepspeed_config(args) -> dict:
     """The config file, where the command line's batch size, accumulation, clipping, learning rate
-    and dtype win over the file's values."""
+    and dtype win over the file's values (a grad_accum_dtype the file sets itself is kept)."""
     with open(args.deepspeed) as f:
         config = json.load(f)
     config.pop("train_batch_size", None)
@@ -128,8 +136,11 @@ def deepspeed_config(args) -> dict:
     config["gradient_clipping"] = args.grad_clip
     config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     config["optimizer"].setdefault("params", {})["lr"] = args.learning_rate
-    config["bf16"] = {"enabled": args.dtype == "bfloat16"}
-    config["fp16"] = {**config.get("fp16", {}), "enabled": args.dtype == "float16"}
+    zero_stage = config.get("zero_optimization", {}).get("stage", 0)
+    for section, values in deepspeed_precision(args.dtype, zero_stage).items():
+        file_values = config.get(section, {})
+        # the command line's dtype wins; an accumulation dtype the file names itself is kept
+        config[section] = {**values, **file_values} if section == "data_types" else {**file_values, **values}
     config.setdefault("steps_per_print", 10 ** 9)  # our own log lines are enough
     return config
 
@@ -139,8 +150,10 @@ def wrap_deepspeed(model: torch.nn.Module, params: list, args):
     import deepspeed
     config = deepspeed_config(args)
     zero_stage = config.get("zero_optimization", {}).get("stage", 0)
+    accumulate_in = config.get("data_types", {}).get("grad_accum_dtype", args.dtype)
     log(f"DeepSpeed: {args.deepspeed}, ZeRO stage {zero_stage}, {args.dtype}, "
-        f"micro-batch {args.batch_size} x accumulation {args.accumulation_steps}")
+        f"micro-batch {args.batch_size} x accumulation {args.accumulation_steps}, "
+        f"gradients accumulated in {accumulate_in}")
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
     return engine, optimizer, zero_stage
 

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dataset.lm_dataset import SFTDataset, pad_collate  # noqa: E402
+from trainer.accelerator import frozen_copy, weights_dtype  # noqa: E402
 from trainer.cli import build_parser, finish_args  # noqa: E402
 from trainer.losses import forward_batch, masked_cross_entropy, with_aux_loss  # noqa: E402
 from trainer.loop import train  # noqa: E402
@@ -56,7 +57,7 @@ def distillation_kl(student_logits, teacher_logits, mask, temperature: float) ->
 
 def make_distillation_loss(teacher: torch.nn.Module, alpha: float, temperature: float):
     def loss_fn(model, batch):
-        with torch.no_grad():
+        with torch.inference_mode():
             teacher_logits = forward_batch(teacher, batch).logits
         out = forward_batch(model, batch)
         ce = masked_cross_entropy(out.logits, batch["labels"], batch["loss_mask"])
@@ -72,7 +73,7 @@ def main(argv=None):
     with training_processes(args) as runtime:
         teacher = build_model(args, "full_sft", hidden_size=args.teacher_hidden_size,
                               num_hidden_layers=args.teacher_num_hidden_layers, use_moe=bool(args.teacher_use_moe))
-        teacher = teacher.to(runtime.device).eval().requires_grad_(False)
+        teacher = frozen_copy(teacher, runtime.device, weights_dtype(args.dtype, runtime.use_deepspeed))
         student = build_model(args, args.from_weight)
         log(f"teacher: {describe_parameters(teacher)}; student: {describe_parameters(student)}")
         dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len, cache_dir=args.cache_dir)

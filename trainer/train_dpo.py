@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dataset.lm_dataset import DPODataset, dpo_collate  # noqa: E402
+from trainer.accelerator import frozen_copy, weights_dtype  # noqa: E402
 from trainer.cli import build_parser, finish_args  # noqa: E402
 from trainer.losses import with_aux_loss  # noqa: E402
 from trainer.loop import train  # noqa: E402
@@ -71,7 +72,7 @@ def stack_pairs(batch: dict):
 def make_dpo_loss(reference: torch.nn.Module, beta: float):
     def loss_fn(model, batch):
         input_ids, targets, mask = stack_pairs(batch)
-        with torch.no_grad():
+        with torch.inference_mode():
             reference_log_probs = sequence_log_probs(reference(input_ids).logits, targets, mask)
         out = model(input_ids)
         policy_log_probs = sequence_log_probs(out.logits, targets, mask)
@@ -89,7 +90,8 @@ def main(argv=None):
     args = parse_args(argv)
     with training_processes(args) as runtime:
         policy = build_model(args, args.from_weight)
-        reference = build_model(args, args.from_weight).to(runtime.device).eval().requires_grad_(False)
+        reference = frozen_copy(build_model(args, args.from_weight), runtime.device,
+                                weights_dtype(args.dtype, runtime.use_deepspeed))
         dataset = DPODataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len, cache_dir=args.cache_dir)
         return train(args, runtime, policy, dataset, dpo_collate, make_dpo_loss(reference, args.beta))
 
