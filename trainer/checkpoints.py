@@ -53,6 +53,7 @@ class TrainState:
     model: torch.nn.Module           # the bare model: saved, and its parameters optimized
     optimizer: object
     scaler: torch.amp.GradScaler
+    weighting: object                # loss_weighting.StepLossWeighting: chosen by the flags, not saved
     engine: object = None            # the DeepSpeed engine, which saves its own shards
     zero_stage: int = 0
     step: int = 0                    # optimizer steps made in all (across resumes)

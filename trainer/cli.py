@@ -15,6 +15,7 @@ import torch
 
 from model.checkpoint import REPO_ROOT, SCRIPT_OF_STAGE
 from model.command_line import ArgumentParser, check_size_flags, default_device
+from trainer.loss_weighting import MODES as LOSS_WEIGHTINGS
 from trainer.processes import log
 
 DOWNLOAD_HINT = ("get the full data with `hf download jingyaogong/minimind_dataset --repo-type dataset --local-dir dataset` "
@@ -44,6 +45,10 @@ def build_parser(description: str, **stage_defaults) -> argparse.ArgumentParser:
     opt.add_argument("--batch_size", type=int, default=32, help="samples per micro-batch per process")
     opt.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate")
     opt.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    opt.add_argument("--loss_weighting", default="token", choices=LOSS_WEIGHTINGS,
+                     help="token: the loss of an optimizer step is the mean over all its trained tokens (all "
+                          "micro-batches, all processes); micro_batch: the mean of the micro-batches' means "
+                          "(MiniMind's way; always used with --deepspeed). See docs/training.md")
     opt.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     opt.add_argument("--warmup_iters", type=int, default=0, help="optimizer steps of linear warm-up")
     opt.add_argument("--max_steps", type=int, default=0,

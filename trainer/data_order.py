@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from model.command_line import UserError
 from trainer.accelerator import loader_settings
 from trainer.cli import LENGTH_GROUP_WINDOW
+from trainer.loss_weighting import loss_terms
 from trainer.processes import ignore_stop_signals, local_processes
 
 
@@ -98,7 +99,8 @@ def count_real_tokens(items) -> int:
 
 class CountingCollate:
     """Wraps a collate function and records how many real (non-padding) tokens the batch holds,
-    and how many positions the model computes (padding included)."""
+    how many positions the model computes (padding included) and how many terms its loss
+    averages over (counted here, in the loader's workers, so the GPU never waits for it)."""
 
     def __init__(self, collate_fn):
         self.collate_fn = collate_fn
@@ -107,6 +109,7 @@ class CountingCollate:
         batch = self.collate_fn(items)
         batch["num_tokens"] = count_real_tokens(items)
         batch["num_positions"] = sum(batch[k].numel() for k in ("input_ids", "x_chosen", "x_rejected") if k in batch)
+        batch["num_loss_terms"] = loss_terms(batch)
         return batch
 
 

@@ -23,6 +23,7 @@ from trainer.accelerator import TORCH_DTYPES, make_optimizer
 from trainer.checkpoints import (RunFiles, TrainingDiverged, TrainState, load_resume_state, run_files,
                                  save_checkpoint, write_run_info)
 from trainer.data_order import count_steps_per_epoch, make_loader
+from trainer.loss_weighting import StepLossWeighting, step_loss_weighting
 from trainer.processes import Interrupted, Runtime, StopRequest, log, seed_everything, wrap_deepspeed, wrap_model
 from trainer.reporting import Reporter, describe_parameters
 
@@ -47,7 +48,7 @@ def train(args, runtime: Runtime, model: torch.nn.Module, dataset, collate_fn, l
     reporter = Reporter(args, runtime, files, state, steps_per_epoch, last_step)
     log(f"{files.name}: {describe_parameters(model)}; {len(dataset)} samples, {steps_per_epoch} steps per epoch "
         f"of {samples_per_step} samples, {args.epochs} epoch(s), {runtime.world_size} process(es), "
-        f"device {runtime.device}, {args.dtype}")
+        f"device {runtime.device}, {args.dtype}, loss weighted by {state.weighting.mode}{reporter.mfu_reference()}")
     bad_steps_in_a_row = 0
     with StopRequest() as stop, contextlib.closing(reporter):  # Ctrl-C / SIGTERM: stop after a step, saved
         while state.epoch < args.epochs and state.step < last_step:
@@ -90,11 +91,12 @@ def prepare_training(model: torch.nn.Module, args, runtime: Runtime) -> TrainSta
     params = [p for p in model.parameters() if p.requires_grad]
     # fp16 gradients underflow without loss scaling; DeepSpeed scales by itself
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.dtype == "float16" and not runtime.use_deepspeed)
+    weighting = step_loss_weighting(args, runtime)
     if runtime.use_deepspeed:
         engine, optimizer, zero_stage = wrap_deepspeed(model, params, args)
-        return TrainState(model, optimizer, scaler, engine, zero_stage)
+        return TrainState(model, optimizer, scaler, weighting, engine, zero_stage)
     optimizer = make_optimizer(params, args.learning_rate, runtime.device)
-    return TrainState(model, optimizer, scaler, wrap_model(model, args, runtime))
+    return TrainState(model, optimizer, scaler, weighting, wrap_model(model, args, runtime))
 
 
 def optimizer_steps(loader, accumulation_steps: int):
@@ -128,12 +130,13 @@ def autocast_context(device: torch.device, dtype: str):
 
 def accumulate_gradients(state: TrainState, micro_batches: list, loss_fn, lr: float, args, runtime: Runtime,
                          stop: StopRequest) -> dict:
-    """Forward and backward over one step's micro-batches; returns the step's mean loss and
-    extras over all ranks, its token counts, and whether any rank was asked to stop."""
+    """Forward and backward over one step's micro-batches; returns the step's loss (weighted as
+    --loss_weighting says) and mean extras over all ranks, its token counts, and whether any
+    rank was asked to stop."""
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     precision = "float32" if runtime.use_deepspeed else args.dtype  # DeepSpeed casts the model itself
-    stats = StepStats()
+    stats = StepStats(state.weighting)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(runtime.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         is_last = i == len(micro_batches) - 1
@@ -150,8 +153,8 @@ def accumulate_gradients(state: TrainState, micro_batches: list, loss_fn, lr: fl
                 state.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
                 state.engine.step()          # ...and only updates on the accumulation boundary
             else:
-                state.scaler.scale(loss / args.accumulation_steps).backward()
-        stats.add(loss.detach().float(), batch["num_tokens"], batch["num_positions"], extras)
+                state.scaler.scale(state.weighting.micro_batch_loss(loss, batch["num_loss_terms"])).backward()
+        stats.add(loss.detach().float(), batch, extras)
     return stats.reduce(runtime, stop_requested=stop.requested)
 
 
@@ -170,6 +173,7 @@ def optimizer_step(state: TrainState, totals: dict, args, runtime: Runtime) -> t
         state.optimizer.zero_grad(set_to_none=True)
         return float("nan"), True
     state.scaler.unscale_(state.optimizer)
+    state.weighting.rescale_gradients(state.model.parameters(), totals["loss_terms"])
     max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm))
     skipped = not math.isfinite(grad_norm)
@@ -186,33 +190,38 @@ def optimizer_step(state: TrainState, totals: dict, args, runtime: Runtime) -> t
 class StepStats:
     """Sums over the micro-batches of one optimizer step, reduced across ranks at its end."""
 
-    def __init__(self):
+    def __init__(self, weighting: StepLossWeighting):
+        self.weighting = weighting
         self.loss_sum = 0.0
+        self.loss_terms = 0
         self.micro_batches = 0
         self.tokens = 0
         self.positions = 0
         self.extras = {}
 
-    def add(self, loss: torch.Tensor, tokens: int, positions: int, extras: dict):
-        self.loss_sum = self.loss_sum + loss
+    def add(self, loss: torch.Tensor, batch: dict, extras: dict):
+        self.loss_sum = self.loss_sum + self.weighting.reported_part(loss, batch["num_loss_terms"])
+        self.loss_terms += batch["num_loss_terms"]
         self.micro_batches += 1
-        self.tokens += tokens
-        self.positions += positions
+        self.tokens += batch["num_tokens"]
+        self.positions += batch["num_positions"]
         for key, value in extras.items():
             self.extras[key] = self.extras.get(key, 0.0) + value.detach().float()
 
     def reduce(self, runtime: Runtime, stop_requested: bool = False) -> dict:
-        """Mean loss and extras over all micro-batches of all ranks; token counts summed; "stop"
-        when any rank was asked to stop (one all-reduce carries it all)."""
+        """The step's loss (as the weighting defines it), its loss terms and token counts summed
+        and the extras averaged over all micro-batches of all ranks; "stop" when any rank was
+        asked to stop (one all-reduce carries it all)."""
         keys = sorted(self.extras)
-        values = [self.loss_sum, float(self.micro_batches), float(self.tokens), float(self.positions),
-                  float(stop_requested)]
+        values = [self.loss_sum, float(self.loss_terms), float(self.micro_batches), float(self.tokens),
+                  float(self.positions), float(stop_requested)]
         values += [self.extras[k] for k in keys]
         vector = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(runtime.device) for v in values])
         if runtime.distributed:
             dist.all_reduce(vector)
-        loss, micro, tokens, positions, stop, *extras = vector.tolist()
-        totals = {"loss": loss / micro, "tokens": tokens, "positions": positions, "stop": stop > 0}
+        loss, loss_terms, micro, tokens, positions, stop, *extras = vector.tolist()
+        totals = {"loss": self.weighting.step_loss(loss, micro, loss_terms), "loss_terms": loss_terms,
+                  "tokens": tokens, "positions": positions, "stop": stop > 0}
         totals.update({k: v / micro for k, v in zip(keys, extras)})
         return totals
 

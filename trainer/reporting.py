@@ -1,6 +1,6 @@
 """What a run tells its user: the parameter count, the progress bar, an ETA once a step is timed,
-MiniMind's log line, the metrics file ({out_dir}/{name}_metrics.jsonl, one JSON line per
-optimizer step) and Weights & Biases.
+MiniMind's log line (with MFU on a GPU), the metrics file ({out_dir}/{name}_metrics.jsonl, one
+JSON line per optimizer step) and Weights & Biases.
 
     reporter = Reporter(args, runtime, files, state, steps_per_epoch, last_step)
     reporter.step(totals, lr, grad_norm, skipped, ...)   # after every optimizer step
@@ -13,12 +13,15 @@ import time
 
 from tqdm import tqdm
 
+from trainer.mfu import device_peak_flops, flops_per_token, model_flops_utilisation
 from trainer.processes import log
 
 SLOW_FIRST_STEP_SECONDS = 10  # a first step slower than this says what it is doing
 # metrics-file fields that are not stage extras (aux_loss, reward_margin, ce, kl, ...)
-STANDARD_FIELDS = ("step", "epoch", "loss", "lr", "tokens_per_s", "padded_tokens_per_s", "grad_norm", "skipped",
-                   "time")
+STANDARD_FIELDS = ("step", "epoch", "loss", "lr", "tokens_per_s", "padded_tokens_per_s", "mfu", "grad_norm",
+                   "skipped", "time")
+# step totals that are not stage extras either (the metrics file has its own names for them)
+TOTALS_NOT_RECORDED = ("loss", "loss_terms", "tokens", "positions", "stop")
 
 
 class Reporter:
@@ -34,6 +37,9 @@ class Reporter:
         self.last_step = last_step
         self.epoch_start, self.epoch_start_step = time.time(), state.step
         self.last_step_time = self.epoch_start
+        self.world_size = runtime.world_size
+        self.flops_per_token = flops_per_token(state.model.config, args.max_seq_len)
+        self.peak_flops = device_peak_flops(runtime.device, args.dtype)  # None off CUDA: no MFU there
         self.wandb_run = None
         self.first_step_notice = threading.Timer(SLOW_FIRST_STEP_SECONDS, log, [slow_step_message(args, runtime)])
         self.first_step_notice.daemon = True
@@ -63,8 +69,8 @@ class Reporter:
         record = {"step": step, "epoch": self.state.epoch + 1, "loss": totals["loss"], "lr": lr,
                   "tokens_per_s": round(totals["tokens"] / elapsed, 1),
                   "padded_tokens_per_s": round(totals["positions"] / elapsed, 1),
-                  "grad_norm": grad_norm, "skipped": skipped, "time": round(now, 3),
-                  **{k: v for k, v in totals.items() if k not in ("loss", "tokens", "positions", "stop")}}
+                  "mfu": self.mfu(totals["tokens"] / elapsed), "grad_norm": grad_norm, "skipped": skipped,
+                  "time": round(now, 3), **{k: v for k, v in totals.items() if k not in TOTALS_NOT_RECORDED}}
         if skipped:
             log(f"warning: step {step}: non-finite loss ({totals['loss']}) or gradient norm "
                 f"({grad_norm}); update skipped ({bad_steps_in_a_row}/{max_bad_steps} in a row)")
@@ -78,6 +84,17 @@ class Reporter:
         if step % self.args.log_interval == 0:
             log(self.log_line(record))
 
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation of one GPU (trainer/mfu.py), counted at --max_seq_len."""
+        if self.peak_flops is None:
+            return None
+        per_device = tokens_per_s / self.world_size
+        return round(model_flops_utilisation(self.flops_per_token, per_device, self.peak_flops[0]), 4)
+
+    def mfu_reference(self) -> str:
+        """For the start-up line: what MFU is measured against (nothing off CUDA)."""
+        return f", MFU against {self.peak_flops[1]}" if self.peak_flops else ""
+
     def step_in_epoch(self) -> int:
         return self.state.samples_in_epoch // self.samples_per_step
 
@@ -86,9 +103,10 @@ class Reporter:
         done = self.state.step - self.epoch_start_step
         seconds_left = (time.time() - self.epoch_start) / max(done, 1) * (self.steps_per_epoch - self.step_in_epoch())
         extras = "".join(f" {k}:{v:.4f}" for k, v in record.items() if k not in STANDARD_FIELDS)
+        mfu = f" mfu:{record['mfu']:.1%}" if record["mfu"] is not None else ""
         return (f"Epoch:[{record['epoch']}/{self.args.epochs}]({self.step_in_epoch()}/{self.steps_per_epoch}) "
                 f"loss:{record['loss']:.6f} lr:{record['lr']:.12f} epoch_left:{format_duration(seconds_left)}"
-                f" tokens/s:{record['tokens_per_s']:.0f}{extras}")
+                f" tokens/s:{record['tokens_per_s']:.0f}{mfu}{extras}")
 
     def start_wandb(self):
         if not self.args.use_wandb:
