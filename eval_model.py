@@ -8,16 +8,19 @@
 
 Replies stream token by token. The weights file is {out_dir}/{stage}_{hidden}{_moe}.pth with
 the stage chosen by --model_mode; the size flags must be the ones the model was trained with.
+The auto test asks a model trained on the bundled demo data (its {name}_run.json says so)
+questions from the demo facts, and any other model MiniMind2's general questions.
 """
 import argparse
+import json
 import os
 import random
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the repository root
-
-from model.inference import (Generation, ModelLoadError, add_model_args, build_prompt_ids, count_parameters,
-                             load_model, lora_name_of, trim_history)
+from model.checkpoint import STAGE_OF_MODEL_MODE, run_name
+from model.command_line import ArgumentParser, check_size_flags
+from model.inference import (Generation, add_model_args, build_prompt_ids, count_parameters, load_model_or_exit,
+                             lora_name_of, trim_history)
 
 # Built-in prompts for the auto test ([0] in the menu), one list per kind of model.
 CONTINUATION_PROMPTS = [  # the pretrain model only continues text
@@ -36,6 +39,24 @@ CHAT_PROMPTS = [
     "What is the difference between a list and a tuple in Python?",
     "如果明天下雨，周末的野餐应该怎么安排？",
 ]
+# Questions a model trained on the bundled demo data can answer (they are in dataset/demo/; the
+# quickstart trains such models). Asked instead of the lists above when the run used demo data.
+DEMO_CONTINUATION_PROMPTS = ["中国的首都是", "A clear sky is", "一年有", "水在"]
+DEMO_CHAT_PROMPTS = [
+    "你是谁？",
+    "Which city is the capital of Germany?",
+    "一天有多少小时？",
+    "What color is a ripe banana?",
+    "猫怎么叫？",
+    "What is the largest ocean?",
+]
+DEMO_REASONING_PROMPTS = [
+    "小明有5个苹果，妈妈又给了他6个，小明现在有几个苹果？",
+    "小华有3个苹果，妈妈又给了他6个，小华现在有几个苹果？",
+]
+DEMO_LORA_PROMPTS = {"lora_identity": ["你是谁？", "Who are you?"], "lora_medical": ["我头痛，怎么办？", "失眠有什么办法？"]}
+QUIT_WORDS = ("exit", "quit")
+
 LORA_PROMPTS = {  # domain questions for the adapters MiniMind trains
     "lora_identity": [
         "你是谁？",
@@ -50,8 +71,12 @@ LORA_PROMPTS = {  # domain questions for the adapters MiniMind trains
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each flag's default."""
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(parser)
     parser.add_argument("--prompt", default=None, help="answer this one prompt and exit")
     parser.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (always the likeliest token)")
@@ -64,16 +89,37 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.temperature < 0 or not 0 <= args.top_p <= 1 or args.max_new_tokens < 1 or args.history_cnt < 0:
         parser.error("need --temperature >= 0, 0 <= --top_p <= 1, --max_new_tokens >= 1, --history_cnt >= 0")
+    if args.load == 0:
+        check_size_flags(parser, args)
     return args
 
 
+def trained_on_demo_data(args) -> bool:
+    """What the trainer recorded next to the weights ({out_dir}/{name}_run.json): were they (or the
+    LoRA adapter) trained on the bundled demo data? False when there is no record (e.g. MiniMind2's
+    released weights, or a transformers folder)."""
+    if args.load != 0:
+        return False
+    stage = STAGE_OF_MODEL_MODE[args.model_mode]
+    name = run_name(lora_name_of(args) or stage, args.hidden_size, bool(args.use_moe))
+    try:
+        with open(os.path.join(args.out_dir, f"{name}_run.json"), encoding="utf-8") as f:
+            return bool(json.load(f).get("trained_on_demo_data"))
+    except (OSError, ValueError):
+        return False
+
+
 def auto_test_prompts(args) -> list[str]:
+    demo = trained_on_demo_data(args)
     if args.model_mode == 0:
-        return CONTINUATION_PROMPTS
+        return DEMO_CONTINUATION_PROMPTS if demo else CONTINUATION_PROMPTS
     name = lora_name_of(args)
     if name:
         # an adapter named like MiniMind's (lora_identity, lora_medical) gets its domain's questions
-        return next((prompts for key, prompts in LORA_PROMPTS.items() if key in name), CHAT_PROMPTS)
+        prompts = DEMO_LORA_PROMPTS if demo else LORA_PROMPTS
+        return next((questions for key, questions in prompts.items() if key in name), CHAT_PROMPTS)
+    if demo:
+        return DEMO_REASONING_PROMPTS if args.model_mode == 3 else DEMO_CHAT_PROMPTS
     return CHAT_PROMPTS
 
 
@@ -97,12 +143,13 @@ def questions(mode: str, args):
             print(f"👶: {prompt}")
             yield prompt
         return
+    print(f"type a message and press Enter; {' or '.join(QUIT_WORDS)} (or Ctrl-D) quits")
     while True:
         try:
             prompt = input("👶: ")
         except EOFError:
             return
-        if prompt.strip() in ("exit", "quit"):
+        if prompt.strip() in QUIT_WORDS:
             return
         if prompt.strip():
             yield prompt
@@ -120,21 +167,19 @@ def chat(model, tokenizer, args, mode: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        model, tokenizer = load_model(args)
-    except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_model_or_exit(args)
     # with --prompt, stdout carries the reply alone; notes go to stderr
     notes = sys.stderr if args.prompt is not None else sys.stdout
     n_params = count_parameters(model)
     print(f"MiniMind parameters: {n_params / 1e6:.2f} M ({n_params:,}) on {args.device}", file=notes)
+    if getattr(model, "lora_summary", None):
+        print(model.lora_summary, file=notes)
 
     if args.prompt is not None:
         ask(model, tokenizer, args, [{"role": "user", "content": args.prompt}])
         return 0
     try:
-        mode = input("[0] auto test\n[1] manual input\n").strip()
+        mode = input("[0] auto test\n[1] manual input\nchoose 0 or 1: ").strip()
     except EOFError:
         return 0
     if mode not in ("0", "1"):
@@ -145,4 +190,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while chatting: leave quietly, as a shell would
+        print()
+        sys.exit(130)

@@ -122,8 +122,9 @@ def padding_shares(dataset, batch_size, max_len, collates, seed=0, sampler=None)
 
 def padding_bench(batch_size, max_len):
     from transformers import AutoTokenizer
-    from dataset.lm_dataset import (DPODataset, LengthGroupedSampler, PretrainDataset, SFTDataset,
-                                    dpo_collate, pack_collate, pad_collate)
+    from dataset.lm_dataset import DPODataset, PretrainDataset, SFTDataset, dpo_collate, pack_collate, pad_collate
+    from trainer.cli import LENGTH_GROUP_WINDOW
+    from trainer.data_order import StepBatchSampler
     tok = AutoTokenizer.from_pretrained(str(ROOT / "model"))
     demo = ROOT / "dataset/demo"
     out = {"batch_size": batch_size, "max_seq_len": max_len}
@@ -134,7 +135,10 @@ def padding_bench(batch_size, max_len):
     for name in ("sft", "r1_mix"):
         ds = SFTDataset(demo / f"{name}.jsonl", tok, max_length=max_len)
         out[name] = padding_shares(ds, batch_size, max_len, {"pad_to_longest": pad_collate})
-        grouped = LengthGroupedSampler(ds.lines.line_lengths(), batch_size)
+        # the order training uses with --group_by_length 1
+        grouped = [i for batch in StepBatchSampler(len(ds), batch_size, 1, 0, 1, seed=0, epoch=0,
+                                                   lengths=ds.lines.line_lengths(), group_size=LENGTH_GROUP_WINDOW)
+                   for i in batch]
         out[name]["length_grouped_pad_to_longest"] = padding_shares(
             ds, batch_size, max_len, {"x": pad_collate}, sampler=grouped)["x"]
 

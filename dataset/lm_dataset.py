@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 PAD_ID = 0
 VALIDATE_MAX_BYTES = 256 * 1024 ** 2
@@ -668,43 +668,3 @@ def pack_collate(batch):
             pos += n
     return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
             "position_ids": position_ids, "document_ids": document_ids}
-
-
-packed_collate = pack_collate  # alias
-
-
-class LengthGroupedSampler(Sampler):
-    """Shuffled indices in which each batch holds items of similar length (less padding).
-
-    Works like DistributedSampler (num_replicas, rank, set_epoch, padded to equal shares):
-    every `batch_size * num_replicas` consecutive indices of the global order form one
-    global step, sorted by length inside "mega-batches" of `mega_batches` steps; rank r
-    takes its slice of each step. Use with DataLoader(batch_size=batch_size, sampler=...).
-    Lengths can be the byte lengths of the lines (dataset.lines.line_lengths()).
-    """
-
-    def __init__(self, lengths, batch_size, num_replicas=1, rank=0, seed=0, mega_batches=50):
-        self.lengths = np.asarray(lengths)
-        self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
-        self.seed, self.mega_batches, self.epoch = seed, mega_batches, 0
-        step = batch_size * num_replicas
-        self.num_steps = -(-len(self.lengths) // step)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.num_steps * self.batch_size
-
-    def __iter__(self):
-        rng = np.random.default_rng(self.seed + self.epoch)
-        step = self.batch_size * self.num_replicas
-        order = rng.permutation(len(self.lengths))
-        order = np.resize(order, self.num_steps * step)  # repeat a few to fill the last step
-        mega = step * self.mega_batches
-        for start in range(0, len(order), mega):  # sort by length (longest first) per mega-batch
-            chunk = order[start:start + mega]
-            order[start:start + mega] = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-        steps = order.reshape(self.num_steps, step)[rng.permutation(self.num_steps)]
-        mine = steps[:, self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return iter(mine.reshape(-1).tolist())

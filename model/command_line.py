@@ -37,6 +37,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def one_line(message: str) -> str:
+    """A multi-line message (a heading, then indented details) as one line."""
+    first, *details = message.splitlines()
+    return " ".join([first, "; ".join(line.strip() for line in details)]) if details else first
+
+
 def size_flags_problem(hidden_size: int, num_hidden_layers: int) -> str | None:
     """Why a model of this width and depth cannot be built, or None when it can.
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -119,6 +120,15 @@ def load_model(args) -> tuple[torch.nn.Module, object]:
     device = args.device
     model = model.to(device=device, dtype=resolve_dtype(args.dtype, device)).eval()
     return model, load_tokenizer(tokenizer_dir)
+
+
+def load_model_or_exit(args) -> tuple[torch.nn.Module, object]:
+    """load_model for a command line: a ModelLoadError ends the program with its message, exit code 2."""
+    try:
+        return load_model(args)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def load_tokenizer(folder) -> object:

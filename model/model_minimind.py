@@ -69,8 +69,10 @@ class MiniMindConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
         # transformers 5 keeps RoPE settings in `rope_parameters` (`rope_scaling` is its old name)
-        self.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta, **(rope_scaling or {})}
-        self.rope_parameters.setdefault("rope_type", self.rope_parameters.get("type", "default"))
+        # (MiniMind2 writes {"type": "yarn", ...}; the standard key is "rope_type")
+        scaling = dict(rope_scaling or {})
+        rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+        self.rope_parameters = {**scaling, "rope_type": rope_type, "rope_theta": rope_theta}
         self.rms_norm_eps = rms_norm_eps
         self.dropout = dropout
         self.flash_attn = flash_attn
@@ -119,33 +121,43 @@ def rope_inverse_frequencies(config: MiniMindConfig) -> tuple[torch.Tensor, floa
 
     Without `rope_scaling` this is plain RoPE. With it, positions beyond the trained length are
     reached by slowing some of the rotations down:
-      - {"type": "yarn", "factor": f, "original_max_position_embeddings": L,
-         "beta_fast": 32, "beta_slow": 1}: fast-rotating pairs (many turns inside L) keep their
-        frequency, slow ones are divided by f, and a linear ramp blends the two; logits are scaled
-        by 0.1*ln(f)+1 to keep attention entropy in check (YaRN).
-      - {"type": "ntk", "factor": f}: the base theta is stretched so that the slowest pair covers
-        f times more positions (NTK-aware scaling).
+      - {"rope_type": "yarn", "factor": f, "original_max_position_embeddings": L,
+         "beta_fast": 32, "beta_slow": 1}: YaRN as transformers defines it (`rope_type` "yarn").
+        Pair i turns L / (2π · θ^(2i/d)) times over the trained length L. Pairs that turn more
+        than beta_fast times keep their frequency (they never saw a new angle), pairs that turn
+        fewer than beta_slow times are divided by f (interpolated), and in between a linear ramp
+        over the pair index blends the two; its ends are the pair indices where the turn count
+        crosses beta_fast and beta_slow, rounded outwards. cos/sin are scaled by 0.1·ln(f) + 1
+        (or `attention_factor`) to keep attention entropy in check.
+      - {"rope_type": "ntk", "factor": f}: the base theta is stretched so that the slowest pair
+        covers f times more positions (static NTK-aware scaling; not a transformers rope type).
+    MiniMind2's spelling {"type": "yarn", ...} is accepted too.
     """
     dim = config.head_dim
     theta = config.rope_theta
     scaling = config.rope_parameters or {}
-    kind = scaling.get("type", scaling.get("rope_type"))
-    kind = None if kind == "default" else kind
-    factor = float(scaling.get("factor", 1.0))
+    kind = scaling.get("rope_type", "default")
+    factor = float(scaling.get("factor") or 1.0)
+    if kind not in ("default", "ntk", "yarn"):
+        raise ValueError(f"unknown rope_scaling type {kind!r}; use 'yarn' or 'ntk'")
     if kind == "ntk":
         theta = theta * factor ** (dim / (dim - 2))
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    attention_scale = 1.0
-    if kind == "yarn" and factor > 1.0:
-        original_len = scaling.get("original_max_position_embeddings", 2048)
-        beta_fast, beta_slow = scaling.get("beta_fast", 32.0), scaling.get("beta_slow", 1.0)
-        turns_in_original = original_len * inv_freq / (2 * math.pi)
-        # ramp = 1 for pairs that turn more than beta_fast times (keep), 0 below beta_slow (interpolate)
-        ramp = ((turns_in_original - beta_slow) / (beta_fast - beta_slow)).clamp(0.0, 1.0)
-        inv_freq = inv_freq * ramp + (inv_freq / factor) * (1 - ramp)
-        attention_scale = 0.1 * math.log(factor) + 1.0
-    elif kind not in (None, "ntk", "yarn"):
-        raise ValueError(f"unknown rope_scaling type {kind!r}; use 'yarn' or 'ntk'")
+    if kind != "yarn":
+        return inv_freq, 1.0
+    original_len = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32.0, scaling.get("beta_slow") or 1.0
+
+    def pair_index_turning(turns: float) -> float:
+        """The (fractional) pair index i at which pair i turns `turns` times over original_len."""
+        return dim * math.log(original_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    first = max(math.floor(pair_index_turning(beta_fast)), 0)
+    last = min(math.ceil(pair_index_turning(beta_slow)), dim - 1)
+    last = last if last > first else first + 0.001  # a zero-width ramp would divide by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - first) / (last - first)).clamp(0.0, 1.0)
+    inv_freq = inv_freq * (1 - ramp) + (inv_freq / factor) * ramp  # 0 = keep, 1 = interpolate
+    attention_scale = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
     return inv_freq, attention_scale
 
 

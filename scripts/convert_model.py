@@ -11,11 +11,11 @@ RoPE, grouped key/value heads and SwiGLU. So the Llama export only writes a Llam
 weights are copied as they are, with no renaming and no permutation.
 
 Every folder is built in a temporary folder next to --out and renamed into place at the end, and
-every .pth is written atomically, so a run that fails leaves nothing half-written behind.
+every .pth is written atomically, so a run that fails leaves nothing half-written behind. The
+model's size is read from the .pth itself; the size flags only override it.
 
-    python scripts/convert_model.py --mode torch2llama --in out/full_sft_512.pth --out MiniMind2-Small
+    python scripts/convert_model.py --mode torch2llama --in out/full_sft_512.pth --out out/MiniMind2-Small
 """
-import argparse
 import contextlib
 import json
 import os
@@ -24,13 +24,15 @@ import shutil
 import sys
 import tempfile
 
-REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, REPO_ROOT)
+if __package__ in (None, ""):  # run as a file: import from the repository root, not from scripts/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from model.checkpoint import atomic_torch_save, config_from_sizes, load_weights  # noqa: E402
+from model.checkpoint import (REPO_ROOT, atomic_torch_save, config_from_sizes, load_weights,  # noqa: E402
+                              read_state_dict, sizes_of_state_dict)
+from model.command_line import ArgumentParser, one_line, size_flags_problem  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 
 MODEL_CODE = os.path.join(REPO_ROOT, "model", "model_minimind.py")
@@ -51,20 +53,32 @@ class ConversionError(Exception):
 # Reading the inputs
 # ----------------------------------------------------------------------------------------------
 
-def load_native(path: str, hidden_size: int, num_hidden_layers: int, use_moe: bool) -> MiniMindForCausalLM:
-    """A MiniMind .pth, checked strictly against the model the size flags describe."""
+def load_native(path: str, hidden_size: int | None = None, num_hidden_layers: int | None = None,
+                use_moe: int | None = None) -> MiniMindForCausalLM:
+    """A MiniMind .pth, in the size its weights have (a size flag given overrides what is read,
+    and the weights are then checked strictly against it)."""
     if os.path.isdir(path):
         raise ConversionError(f"--in {path} is a folder; this mode reads a .pth file "
                               f"(to read a folder use --mode hf2torch)")
     if not os.path.isfile(path):
         raise ConversionError(f"--in {path}: no such file (expected a MiniMind .pth, e.g. out/full_sft_512.pth)")
-    model = MiniMindForCausalLM(config_from_sizes(hidden_size, num_hidden_layers, use_moe))
+    try:
+        sizes = sizes_of_state_dict(read_state_dict(path))
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise ConversionError(f"--in {path} is not a readable PyTorch weights file ({error})") from None
+    if sizes is None:
+        raise ConversionError(f"--in {path} is not a MiniMind checkpoint (no model.embed_tokens.weight)")
+    given = {"hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers, "use_moe": use_moe}
+    sizes.update({flag: value for flag, value in given.items() if value is not None})
+    problem = size_flags_problem(sizes["hidden_size"], sizes["num_hidden_layers"])
+    if problem:
+        raise ConversionError(problem)
+    model = MiniMindForCausalLM(config_from_sizes(sizes["hidden_size"], sizes["num_hidden_layers"],
+                                                  bool(sizes["use_moe"])))
     try:
         load_weights(model, path)
     except ValueError as error:  # shapes or names that do not fit the size flags
-        raise ConversionError(f"--in {error}") from None
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
-        raise ConversionError(f"--in {path} is not a readable PyTorch weights file ({error})") from None
+        raise ConversionError(one_line(f"--in {error}")) from None
     return model.eval()
 
 
@@ -277,11 +291,11 @@ def size_flags(config: MiniMindConfig) -> str:
 
 
 def torch_to_folder(args) -> None:
-    if args.mode == "torch2llama" and args.use_moe:
-        raise ConversionError("--mode torch2llama cannot export an MoE model (--use_moe 1): a Llama has no "
-                              "mixture-of-experts layers. Use --mode torch2hf, which keeps MiniMind's own code")
     check_tokenizer_files()
     model = load_native(args.in_path, args.hidden_size, args.num_hidden_layers, args.use_moe)
+    if args.mode == "torch2llama" and model.config.use_moe:
+        raise ConversionError(f"--mode torch2llama cannot export an MoE model ({args.in_path}): a Llama has no "
+                              f"mixture-of-experts layers. Use --mode torch2hf, which keeps MiniMind's own code")
     n_params = sum(p.numel() for p in model.parameters())
     write_weights = write_llama_folder if args.mode == "torch2llama" else write_minimind_folder
     with staging_folder(args.out) as folder:
@@ -311,15 +325,15 @@ def convert(args) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Convert MiniMind weights: native .pth <-> transformers folders")
+    parser = ArgumentParser(description="Convert MiniMind weights: native .pth <-> transformers folders")
     parser.add_argument("--mode", required=True, choices=["torch2hf", "torch2llama", "hf2torch"])
     parser.add_argument("--in", dest="in_path", required=True,
                         help="torch2*: a MiniMind .pth; hf2torch: a folder written by torch2hf or torch2llama")
     parser.add_argument("--out", required=True, help="torch2*: the folder to write; hf2torch: the .pth to write")
-    parser.add_argument("--hidden_size", type=int, default=512, help="size flags of the .pth (torch2* only; "
-                        "hf2torch reads them from config.json)")
-    parser.add_argument("--num_hidden_layers", type=int, default=8)
-    parser.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    sizes = parser.add_argument_group("size flags (optional: the sizes are read from the .pth or config.json)")
+    sizes.add_argument("--hidden_size", type=int, default=None, help="override the width read from the .pth")
+    sizes.add_argument("--num_hidden_layers", type=int, default=None, help="override the depth read from the .pth")
+    sizes.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="override the MoE-ness read from the .pth")
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES),
                         help="precision of the written weights (default float16, as MiniMind releases them: "
                              "exact for a .pth the trainers wrote)")
@@ -332,7 +346,8 @@ def main(argv=None) -> None:
     try:
         convert(args)
     except ConversionError as error:
-        sys.exit(f"convert_model.py: error: {error}")
+        sys.stderr.write(f"convert_model.py: error: {error}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from model.engine import Engine, EngineLoop, IncrementalDecoder, QueueFull, SamplingParams, StepOutput
-from model.inference import (ENCODE_LOCK, ModelLoadError, ReasoningSplitter, add_model_args, build_prompt_ids,
-                             load_model)
+from model.inference import (ENCODE_LOCK, ReasoningSplitter, add_model_args, build_prompt_ids,
+                             load_model_or_exit)
 
 log = logging.getLogger("uvicorn.error")  # uvicorn prints this logger's lines next to its own
 ROLES = ("system", "user", "assistant")
@@ -741,11 +741,7 @@ def build_server(model, tokenizer, args) -> Server:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        model, tokenizer = load_model(args)
-    except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_model_or_exit(args)
     server = build_server(model, tokenizer, args)
     auth = "Bearer token required" if args.api_key else "no auth"
     print(f"serving {args.model_name} on http://{args.host}:{args.port}/v1 ({auth}, context {args.context_length}, "

@@ -65,7 +65,8 @@ def no_leftovers(folder):
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """A small random dense and MoE model as native .pth (fp16, as the trainers write them), and
-    their fp32 exports (the dense ones through the real command line)."""
+    their fp32 exports (the dense ones through the real command line), with no size flags: the
+    converter reads the sizes from the .pth."""
     root = tmp_path_factory.mktemp("convert")
     paths = {}
     for name, use_moe in (("dense", 0), ("moe", 1)):
@@ -74,17 +75,16 @@ def exports(tmp_path_factory):
         model = MiniMindForCausalLM(config_from_sizes(HIDDEN, LAYERS, use_moe, initializer_range=0.2))
         paths[f"{name}.pth"] = str(root / f"{name}.pth")
         save_weights(model, paths[f"{name}.pth"])
-    def export_args(mode, source, out, use_moe):
+    def export_args(mode, source, out):
         paths[out] = str(root / out)
-        return ["--mode", mode, "--in", paths[f"{source}.pth"], "--out", paths[out], *SIZE_FLAGS,
-                "--use_moe", str(use_moe), "--dtype", "float32"]
+        return ["--mode", mode, "--in", paths[f"{source}.pth"], "--out", paths[out], "--dtype", "float32"]
 
     # the two command-line runs go side by side; the MoE export runs in-process meanwhile
     # (the same code as the command line, without another interpreter start)
-    cli_runs = {out: subprocess.Popen([sys.executable, SCRIPT, *export_args(mode, "dense", out, 0)], cwd=root,
+    cli_runs = {out: subprocess.Popen([sys.executable, SCRIPT, *export_args(mode, "dense", out)], cwd=root,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for out, mode in (("llama", "torch2llama"), ("hf", "torch2hf"))}
-    convert_main(export_args("torch2hf", "moe", "hf_moe", 1))
+    convert_main(export_args("torch2hf", "moe", "hf_moe"))
     for out, process in cli_runs.items():
         stdout, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr
@@ -251,22 +251,27 @@ def test_exported_tokenizer_matches_the_repository_tokenizer(exports, folder):
 # Wrong input: a clear message, a non-zero exit, and nothing half-written
 # ----------------------------------------------------------------------------------------------
 
-def convert_error(args):
-    with pytest.raises(SystemExit) as exit_info:
-        convert_main(args)
-    message = str(exit_info.value.code)
-    assert message.startswith("convert_model.py: error: ")
-    return message
+@pytest.fixture
+def convert_error(capsys):
+    """Run the converter in-process on bad input: exit code 2 and one line on stderr, returned."""
+    def run(args):
+        with pytest.raises(SystemExit) as exit_info:
+            convert_main(args)
+        assert exit_info.value.code == 2
+        message = capsys.readouterr().err
+        assert message.startswith("convert_model.py: error: ") and message.count("\n") == 1, message
+        return message
+    return run
 
 
-def test_missing_input_file(tmp_path):
+def test_missing_input_file(tmp_path, convert_error):
     out = tmp_path / "out"
     message = convert_error(["--mode", "torch2hf", "--in", str(tmp_path / "nope.pth"), "--out", str(out)])
     assert "nope.pth: no such file" in message
     assert not out.exists() and no_leftovers(tmp_path)
 
 
-def test_shapes_that_do_not_fit_the_size_flags_name_the_right_flags(exports, tmp_path):
+def test_shapes_that_do_not_fit_the_size_flags_name_the_right_flags(exports, tmp_path, convert_error):
     out = tmp_path / "out"
     message = convert_error(["--mode", "torch2llama", "--in", exports["dense.pth"], "--out", str(out),
                              "--hidden_size", "128", "--num_hidden_layers", str(LAYERS)])
@@ -275,10 +280,9 @@ def test_shapes_that_do_not_fit_the_size_flags_name_the_right_flags(exports, tmp
     assert not out.exists() and no_leftovers(tmp_path)
 
 
-def test_moe_to_llama_is_refused(exports, tmp_path):
+def test_moe_to_llama_is_refused(exports, tmp_path, convert_error):
     out = tmp_path / "out"
-    message = convert_error(["--mode", "torch2llama", "--in", exports["moe.pth"], "--out", str(out), *SIZE_FLAGS,
-                             "--use_moe", "1"])
+    message = convert_error(["--mode", "torch2llama", "--in", exports["moe.pth"], "--out", str(out)])
     assert "cannot export an MoE model" in message and "--mode torch2hf" in message
     assert not out.exists() and no_leftovers(tmp_path)
 
@@ -299,7 +303,14 @@ def test_existing_output_needs_overwrite(exports, tmp_path):
     assert no_leftovers(tmp_path) and sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_hf2torch_refuses_folders_it_cannot_read(exports, tmp_path):
+def test_size_flags_no_model_can_have_are_one_line_errors(exports, tmp_path, convert_error):
+    out = str(tmp_path / "out")
+    assert "--hidden_size 520" in convert_error(["--mode", "torch2hf", "--in", exports["dense.pth"], "--out", out,
+                                                  "--hidden_size", "520"])
+    assert "invalid choice" in convert_error(["--mode", "torch2onnx", "--in", exports["dense.pth"], "--out", out])
+
+
+def test_hf2torch_refuses_folders_it_cannot_read(exports, tmp_path, convert_error):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "back.pth"

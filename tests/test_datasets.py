@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from dataset.lm_dataset import (DataFormatError, DPODataset, LengthGroupedSampler, PretrainDataset,
+from dataset.lm_dataset import (DataFormatError, DPODataset, PretrainDataset,
                                 SFTDataset, dpo_collate, pack_collate, pad_collate)
 from model.model_minimind import document_attention_mask
 
@@ -476,23 +476,6 @@ def test_lines_without_final_newline_and_crlf(tok, tmp_path):
 
 
 # ---------------------------------------------------------------- length-grouped sampler
-
-def test_length_grouped_sampler_shards_and_groups():
-    lengths = list(range(1, 101))
-    shards = [list(LengthGroupedSampler(lengths, batch_size=4, num_replicas=2, rank=r, mega_batches=3))
-              for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 52  # 100 padded up to a multiple of 8
-    assert set(shards[0]) | set(shards[1]) == set(range(100))  # every item, only 4 repeats to fill up
-    # a batch holds similar lengths: within 24 positions (one mega-batch sorts 24 of 100)
-    spreads = [max(b) - min(b) for b in (shards[0][i:i + 4] for i in range(0, 52, 4))]
-    assert sorted(spreads)[len(spreads) // 2] < 24
-    samplers = [LengthGroupedSampler(lengths, batch_size=4, num_replicas=2, rank=r) for r in range(2)]
-    first = list(samplers[0])
-    for s in samplers:
-        s.set_epoch(1)
-    assert list(samplers[0]) != first  # a new order each epoch
-    assert set(samplers[0]) | set(samplers[1]) == set(range(100))
-
 
 def test_dataset_pickles_without_copying_the_index(tok, tmp_path):
     import pickle

@@ -77,3 +77,54 @@ def test_deepspeed_zero_with_two_cpu_ranks(reference, tmp_path, zero):
     assert losses[-1] < losses[0]
     saved = {k: v.float() for k, v in model.state_dict().items()}
     assert max_difference(saved, reference["model"]) < 0.02
+
+
+def rng_round_trip(rank: int, world_size: int, port: int, folder: str):
+    """One rank: seed its own stream, save every rank's streams the way a resume state does, draw,
+    scramble, restore from the saved list, draw again."""
+    import torch.distributed as dist
+    from trainer.checkpoints import gather_rng_states, restore_rng_state
+    from trainer.processes import Runtime, seed_everything
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    runtime = Runtime(rank, rank, world_size, torch.device("cpu"), use_deepspeed=False)
+    seed_everything(100 + rank)
+    states = gather_rng_states(runtime)
+    expected = torch.rand(4)
+    seed_everything(0)
+    restore_rng_state(states, runtime)
+    torch.save({"states": len(states), "expected": expected, "got": torch.rand(4)}, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_resume_restores_each_ranks_own_random_stream(tmp_path):
+    """Each rank continues its own dropout stream, not rank 0's (two gloo ranks)."""
+    import torch.multiprocessing as mp
+    mp.spawn(rng_round_trip, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(r["states"] == 2 and torch.equal(r["got"], r["expected"]) for r in ranks)
+    assert not torch.equal(ranks[0]["got"], ranks[1]["got"])
+
+
+def test_a_rank_the_saved_run_did_not_have_keeps_its_seed():
+    from trainer.checkpoints import gather_rng_states, restore_rng_state
+    from trainer.processes import Runtime, seed_everything
+    single = Runtime(0, 0, 1, torch.device("cpu"), use_deepspeed=False)
+    seed_everything(1)
+    saved = gather_rng_states(single)
+    seed_everything(2)
+    expected = torch.rand(4)
+    seed_everything(2)
+    restore_rng_state(saved, Runtime(1, 1, 2, torch.device("cpu"), use_deepspeed=False))  # rank 1 of a larger world
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MINIMIND_COMPILE_TESTS") != "1",
+                    reason="torch.compile on this CPU takes minutes; set MINIMIND_COMPILE_TESTS=1 to run it")
+def test_compile_goes_through_deepspeed(tmp_path):
+    """--compile 1 with --deepspeed is not ignored: the DeepSpeed engine compiles the model."""
+    result = train("train_pretrain.py", tmp_path, "--batch_size", "2", "--max_steps", "1",
+                   "--deepspeed", script("ds_zero2.json"), "--compile", "1", timeout=600)
+    assert "torch.compile through DeepSpeed" in result.stdout
+    load_strict(tmp_path / "out" / "pretrain_64.pth")

@@ -236,3 +236,50 @@ def test_eval_menu_auto_test_streams_every_builtin_prompt(out_dir, monkeypatch, 
         assert f"👶: {prompt}\n🤖️: " in out
     assert eval_model.auto_test_prompts(model_args(lora_name="lora_medical", model_mode=1)) == \
         eval_model.LORA_PROMPTS["lora_medical"]
+
+
+def demo_user_turns(file_name: str) -> set[str]:
+    import json
+    with open(REPO_ROOT / "dataset" / "demo" / file_name, encoding="utf-8") as f:
+        return {turn["content"] for line in f for turn in json.loads(line)["conversations"] if turn["role"] == "user"}
+
+
+def test_demo_questions_are_in_the_demo_data():
+    """A demo model can only answer what it was taught: every demo prompt is in the demo data."""
+    import eval_model
+    assert set(eval_model.DEMO_CHAT_PROMPTS) <= demo_user_turns("sft.jsonl")
+    assert set(eval_model.DEMO_REASONING_PROMPTS) <= demo_user_turns("r1_mix.jsonl")
+    for name, prompts in eval_model.DEMO_LORA_PROMPTS.items():
+        assert set(prompts) <= demo_user_turns(f"{name}.jsonl")
+    pretrain_text = (REPO_ROOT / "dataset" / "demo" / "pretrain.jsonl").read_text(encoding="utf-8")
+    assert all(prompt in pretrain_text for prompt in eval_model.DEMO_CONTINUATION_PROMPTS)
+
+
+def test_auto_test_asks_a_demo_model_the_demo_questions(tmp_path):
+    """The trainer's {name}_run.json says whether the weights were trained on dataset/demo/."""
+    import json
+    import eval_model
+    args = model_args(out_dir=str(tmp_path), hidden_size=64, num_hidden_layers=2, model_mode=1)
+    assert eval_model.auto_test_prompts(args) == eval_model.CHAT_PROMPTS  # no record: MiniMind2's questions
+    (tmp_path / "full_sft_64_run.json").write_text(json.dumps({"trained_on_demo_data": True}))
+    assert eval_model.auto_test_prompts(args) == eval_model.DEMO_CHAT_PROMPTS
+    (tmp_path / "reason_64_run.json").write_text(json.dumps({"trained_on_demo_data": True}))
+    args.model_mode = 3
+    assert eval_model.auto_test_prompts(args) == eval_model.DEMO_REASONING_PROMPTS
+    (tmp_path / "lora_medical_64_run.json").write_text(json.dumps({"trained_on_demo_data": False}))
+    args.model_mode, args.lora_name = 1, "lora_medical"
+    assert eval_model.auto_test_prompts(args) == eval_model.LORA_PROMPTS["lora_medical"]
+
+
+def test_manual_input_says_how_to_quit_and_lora_loading_is_confirmed(out_dir, tmp_path):
+    with_adapter = tiny_model(0)
+    apply_lora(with_adapter, rank=4)
+    save_lora(with_adapter, str(out_dir / "lora" / "lora_identity_64.pth"))
+    result = run_eval(["--out_dir", str(out_dir), *SIZE_FLAGS, "--device", "cpu", "--lora_name", "lora_identity",
+                       "--max_new_tokens", "3"], cwd=tmp_path, stdin="1\nhello\nquit\n")
+    assert result.returncode == 0, result.stderr
+    assert "choose 0 or 1: " in result.stdout
+    assert "exit or quit (or Ctrl-D) quits" in result.stdout
+    assert result.stdout.count("👶: ") == 2  # asked for "hello", then for what ended the chat
+    assert f"LoRA adapter lora_identity (rank 4, " in result.stdout
+    assert str(out_dir / "lora" / "lora_identity_64.pth") in result.stdout

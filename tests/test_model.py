@@ -352,6 +352,30 @@ def test_rope_scaling_stretches_only_slow_frequencies():
         rope_inverse_frequencies(tiny_config(rope_scaling={"type": "bogus", "factor": 2.0}))
 
 
+@pytest.mark.parametrize("hidden, scaling", [
+    (512, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}),  # MiniMind2's spelling
+    (768, {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32768, "beta_fast": 32,
+           "beta_slow": 1}),
+    (64, {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 512, "beta_fast": 16,
+          "beta_slow": 2, "attention_factor": 1.5}),
+])
+def test_yarn_is_transformers_yarn(hidden, scaling):
+    """The config says rope_type "yarn" (what an exported config.json claims), and the frequencies and
+    attention factor are those of transformers' own YaRN init for the same settings."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    config = MiniMindConfig(hidden_size=hidden, rope_scaling=scaling)
+    assert config.rope_parameters["rope_type"] == "yarn" and "type" not in config.rope_parameters
+    ours, our_scale = rope_inverse_frequencies(config)
+    llama = LlamaConfig(hidden_size=hidden, num_attention_heads=config.num_attention_heads,
+                        max_position_embeddings=config.max_position_embeddings,
+                        rope_parameters=dict(config.rope_parameters))
+    reference, reference_scale = ROPE_INIT_FUNCTIONS["yarn"](llama, "cpu")
+    assert (ours - reference).abs().max().item() < 1e-6
+    assert our_scale == pytest.approx(reference_scale, abs=1e-6)
+    assert not torch.allclose(ours, rope_inverse_frequencies(MiniMindConfig(hidden_size=hidden))[0])
+
+
 def test_bad_head_configuration_is_a_clear_error():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         MiniMindConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)

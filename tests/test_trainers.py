@@ -67,7 +67,8 @@ def test_wandb_logs_offline(chain):
 
 
 def test_dpo_logs_reward_margin_and_accuracy(chain):
-    tmp, _ = chain
+    tmp, logs = chain
+    assert "as the policy (trained)" in logs["rlhf"].stdout and "as the frozen reference" in logs["rlhf"].stdout
     for record in metrics(tmp, "rlhf_64"):
         assert 0.0 <= record["reward_accuracy"] <= 1.0 and math.isfinite(record["reward_margin"])
 
@@ -119,6 +120,13 @@ def test_bad_data_line_is_reported_with_file_and_line(tmp_path):
     data.write_text('{"text": "fine"}\n{"text": "fine too"}\n{not json}\n')
     result = train("train_pretrain.py", tmp_path, *FEW_STEPS, "--data_path", str(data), check=False)
     assert result.returncode == 2 and f"{data}:3:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dense_and_moe_adapters_of_one_width_do_not_overwrite_each_other(tmp_path):
+    train("train_lora.py", tmp_path, *FEW_STEPS, "--use_moe", "1", "--from_weight", "none", "--lora_rank", "2")
+    assert (tmp_path / "out" / "lora" / "lora_identity_64_moe.pth").is_file()
+    assert not (tmp_path / "out" / "lora" / "lora_identity_64.pth").exists()
+    assert lora_path("out", "lora_identity", 64, use_moe=True) != lora_path("out", "lora_identity", 64)
 
 
 def test_moe_pretrain_adds_the_balancing_loss(tmp_path):

@@ -155,6 +155,9 @@ def wrap_deepspeed(model: torch.nn.Module, params: list, args):
         f"micro-batch {args.batch_size} x accumulation {args.accumulation_steps}, "
         f"gradients accumulated in {accumulate_in}")
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    if args.compile:  # the engine owns the forward pass, so it compiles the model (torch.compile inside)
+        log("torch.compile through DeepSpeed: compiling the model (the first steps are slow)")
+        engine.compile()
     return engine, optimizer, zero_stage
 
 

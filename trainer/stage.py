@@ -11,7 +11,7 @@ import sys
 from tqdm import tqdm
 
 from model.checkpoint import REPO_ROOT, SCRIPT_OF_STAGE, config_from_sizes, load_weights, weight_path
-from model.command_line import UserError
+from model.command_line import UserError, one_line
 from model.model_minimind import MiniMindForCausalLM
 from trainer.checkpoints import TrainingDiverged
 from trainer.processes import Interrupted, log, seed_everything
@@ -26,8 +26,9 @@ def load_tokenizer():
 
 
 def build_model(args, from_weight: str, hidden_size: int | None = None, num_hidden_layers: int | None = None,
-                use_moe: bool | None = None) -> MiniMindForCausalLM:
-    """A MiniMind of the flags' sizes (or the ones given), from random init or a stage's weights.
+                use_moe: bool | None = None, role: str = "") -> MiniMindForCausalLM:
+    """A MiniMind of the flags' sizes (or the ones given), from random init or a stage's weights;
+    `role` names it in the log when a stage loads several models (DPO's policy and reference).
 
     Every rank builds the same random init (seeded with --seed), so one process, DDP and
     DeepSpeed all start from identical weights."""
@@ -42,8 +43,8 @@ def build_model(args, from_weight: str, hidden_size: int | None = None, num_hidd
         try:
             load_weights(model, path)
         except ValueError as error:  # shapes that do not fit the size flags: the message names the right ones
-            raise UserError(f"--from_weight {from_weight}: {error}".replace("\n", " ")) from None
-        log(f"loaded {from_weight} weights from {path}")
+            raise UserError(one_line(f"--from_weight {from_weight}: {error}")) from None
+        log(f"loaded {from_weight} weights from {path}" + (f" as {role}" if role else ""))
     return model
 
 

@@ -71,10 +71,10 @@ def make_distillation_loss(teacher: torch.nn.Module, alpha: float, temperature: 
 def main(argv=None):
     args = parse_args(argv)
     with training_processes(args) as runtime:
-        teacher = build_model(args, "full_sft", hidden_size=args.teacher_hidden_size,
+        teacher = build_model(args, "full_sft", hidden_size=args.teacher_hidden_size, role="the frozen teacher",
                               num_hidden_layers=args.teacher_num_hidden_layers, use_moe=bool(args.teacher_use_moe))
         teacher = frozen_copy(teacher, runtime.device, weights_dtype(args.dtype, runtime.use_deepspeed))
-        student = build_model(args, args.from_weight)
+        student = build_model(args, args.from_weight, role="the student (trained)")
         log(f"teacher: {describe_parameters(teacher)}; student: {describe_parameters(student)}")
         dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len, cache_dir=args.cache_dir)
         return train(args, runtime, student, dataset, pad_collate,

@@ -58,14 +58,12 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     return loss, chosen_rewards, rejected_rewards
 
 
-def pad_right(t: torch.Tensor, length: int) -> torch.Tensor:
-    return F.pad(t, (0, length - t.shape[1]))
-
-
 def stack_pairs(batch: dict):
-    """Chosen rows then rejected rows, in one batch, so each model runs one forward pass."""
+    """Chosen rows then rejected rows, in one batch (right-padded to one length), so each model
+    runs one forward pass."""
     length = max(batch["x_chosen"].shape[1], batch["x_rejected"].shape[1])
-    return [torch.cat([pad_right(batch[f"{key}_chosen"], length), pad_right(batch[f"{key}_rejected"], length)])
+    return [torch.cat([F.pad(batch[f"{key}_{side}"], (0, length - batch[f"{key}_{side}"].shape[1]))
+                       for side in ("chosen", "rejected")])
             for key in ("x", "y", "mask")]
 
 
@@ -89,8 +87,8 @@ def make_dpo_loss(reference: torch.nn.Module, beta: float):
 def main(argv=None):
     args = parse_args(argv)
     with training_processes(args) as runtime:
-        policy = build_model(args, args.from_weight)
-        reference = frozen_copy(build_model(args, args.from_weight), runtime.device,
+        policy = build_model(args, args.from_weight, role="the policy (trained)")
+        reference = frozen_copy(build_model(args, args.from_weight, role="the frozen reference"), runtime.device,
                                 weights_dtype(args.dtype, runtime.use_deepspeed))
         dataset = DPODataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len, cache_dir=args.cache_dir)
         return train(args, runtime, policy, dataset, dpo_collate, make_dpo_loss(reference, args.beta))
