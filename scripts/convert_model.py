@@ -325,7 +325,7 @@ def convert(args) -> None:
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description="Convert MiniMind weights: native .pth <-> transformers folders")
+    parser = ArgumentParser(prog="convert_model.py", description="Convert MiniMind weights: native .pth <-> transformers folders")
     parser.add_argument("--mode", required=True, choices=["torch2hf", "torch2llama", "hf2torch"])
     parser.add_argument("--in", dest="in_path", required=True,
                         help="torch2*: a MiniMind .pth; hf2torch: a folder written by torch2hf or torch2llama")
