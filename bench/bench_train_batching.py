@@ -72,7 +72,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len)
     model_args = argparse.Namespace(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                                    use_moe=0, seed=0, out_dir=None)
+                                    use_moe=0, seed=0, out_dir=None, weight_init="pytorch")
     model = build_model(model_args, "none")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     plain = list(StepBatchSampler(len(dataset), args.batch_size, 1, 0, 1, seed=0, epoch=0))

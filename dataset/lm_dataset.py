@@ -504,7 +504,12 @@ def chat_fits(tokenizer, max_length, conversations):
 # ------------------------------------------------------------------ datasets
 
 class PretrainDataset(Dataset):
-    """Plain text: bos + text + eos, cut to max_length tokens; every real token is trained.
+    """Text, cut to max_length tokens; every real token is trained.
+
+    Document markers: bos (<|im_start|>) in front and eos (<|im_end|>) at the end, each added
+    only where the text does not already carry it. MiniMind2's pretrain_hq.jsonl lines are
+    written as "<|im_start|>...<|im_end|>" and get nothing added (as MiniMind2 trains them);
+    plain text gets both (README, "Pretraining data": measured on the demo data).
 
     A document longer than max_length loses its tail *and* its eos: eos means "the document
     ends here", which is not true at the cut.
@@ -520,9 +525,16 @@ class PretrainDataset(Dataset):
 
     def __getitem__(self, i):
         text = self.lines[i]["text"]
-        body = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = ([self.tokenizer.bos_token_id] + body + [self.tokenizer.eos_token_id])[: self.max_length]
+        ids = self.with_document_markers(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = ids[: self.max_length]
         return shifted(ids, [1] * len(ids))
+
+    def with_document_markers(self, ids):
+        """bos + ids + eos, leaving out a marker the text already has at that end."""
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        starts_marked = bool(ids) and ids[0] == bos
+        ends_marked = bool(ids) and ids[-1] == eos
+        return ([] if starts_marked else [bos]) + ids + ([] if ends_marked else [eos])
 
 
 def sft_fits(tokenizer, max_length, samples):

@@ -24,6 +24,9 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 # Configuration
 # ----------------------------------------------------------------------------------------------
 
+WEIGHT_INITS = ("pytorch", "normal")
+
+
 class MiniMindConfig(PretrainedConfig):
     model_type = "minimind"
 
@@ -42,6 +45,7 @@ class MiniMindConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-5,
         dropout: float = 0.0,
         flash_attn: bool = True,
+        weight_init: str = "pytorch",
         initializer_range: float = 0.02,
         bos_token_id: int = 1,
         eos_token_id: int = 2,
@@ -76,6 +80,14 @@ class MiniMindConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.dropout = dropout
         self.flash_attn = flash_attn
+        # How a new model's weights are drawn (loading a checkpoint is unaffected):
+        #   "pytorch": PyTorch's own defaults, exactly as MiniMind2's code leaves them: every Linear
+        #              kaiming-uniform (within ±1/sqrt(fan_in)), the tied embedding = the lm_head
+        #              Linear's weights, the MoE router likewise, RMSNorm weights 1.
+        #   "normal":  transformers' convention: Linear, embedding and router normal(0, initializer_range).
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init {weight_init!r} is not one of {', '.join(WEIGHT_INITS)}")
+        self.weight_init = weight_init
         self.initializer_range = initializer_range
         self.use_moe = use_moe
         self.num_experts_per_tok = num_experts_per_tok
@@ -325,9 +337,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: MiniMindConfig):
         super().__init__()
+        # built in MiniMind2's order (gate, down, up), so one seed draws the same initial weights
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -350,6 +363,10 @@ class MoEGate(nn.Module):
         if config.scoring_func != "softmax":
             raise ValueError(f"unsupported scoring_func {config.scoring_func!r}; MiniMind uses 'softmax'")
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The router starts like an nn.Linear of the same shape (as in MiniMind2)."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, hidden_states: torch.Tensor):
@@ -450,10 +467,27 @@ class MiniMindPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MiniMindBlock"]
     _supports_sdpa = True
 
+    @torch.no_grad()
     def _init_weights(self, module):
-        super()._init_weights(module)  # normal(0, initializer_range) for Linear/Embedding, 1 for norms
-        if isinstance(module, MoEGate):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        """Draws one module's weights as config.weight_init says. transformers calls it for every
+        module of a new model and for the weights a checkpoint lacks."""
+        if self.config.weight_init == "normal":
+            super()._init_weights(module)  # normal(0, initializer_range) for Linear/Embedding, 1 for norms
+            if isinstance(module, MoEGate):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, (nn.Linear, nn.Embedding, MoEGate)):
+            module.reset_parameters()  # PyTorch's default for the module type
+
+    def keep_constructor_weights(self):
+        """With weight_init="pytorch", the layers' constructors have already drawn PyTorch's
+        defaults: mark them done, so that post_init does not draw them a second time. Drawing
+        once keeps the random stream MiniMind2's: the same seed gives the same initial weights.
+        (from_pretrained builds on the meta device, where nothing is drawn: not marked there.)"""
+        if self.config.weight_init == "pytorch" and self.device.type != "meta":
+            for module in self.modules():
+                module._is_hf_initialized = True
 
 
 class MiniMindModel(MiniMindPreTrainedModel):
@@ -464,6 +498,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
         self.layers = nn.ModuleList([MiniMindBlock(i, config) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self._rope = None
+        self.keep_constructor_weights()
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -511,6 +546,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         self.model = MiniMindModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.model.embed_tokens.weight = self.lm_head.weight  # tied: one matrix reads and writes tokens
+        self.keep_constructor_weights()
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,

@@ -72,6 +72,21 @@ def test_pretrain_truncation_drops_tail_and_eos(tok, tmp_path):
     assert 2 not in y.tolist()
 
 
+@pytest.mark.parametrize("text, added", [
+    ("<|im_start|>鲁迅是中国现代文学的奠基人之一。<|im_end|>", ""),  # MiniMind2's pretrain_hq.jsonl lines
+    ("<|im_start|>没有结尾标记的一行", "eos"),
+    ("没有开头标记的一行<|im_end|>", "bos"),
+])
+def test_pretrain_markers_are_added_only_where_missing(tok, tmp_path, text, added):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": text}])
+    x, y, _ = PretrainDataset(path, tok, max_length=64, cache_dir=tmp_path)[0]
+    ids = [x[0].item()] + y.tolist()
+    body = encode(tok, text)
+    assert ids == [1] * ("bos" in added) + body + [2] * ("eos" in added)
+    assert ids[0] == 1 and ids[1] != 1 and ids.count(1) == 1  # a single bos
+    assert ids[-1] == 2 and ids.count(2) == 1
+
+
 # ---------------------------------------------------------------- SFTDataset
 
 def test_sft_mask_single_turn_default_system(tok, tmp_path):

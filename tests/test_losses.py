@@ -90,13 +90,29 @@ def test_reasoning_tags_are_found_in_the_demo_reasoning_data():
     assert int(marked.sum()) >= expected_at_least
 
 
-def test_learning_rate_warms_up_then_decays_to_a_tenth():
+def minimind2_lr(step, total, lr):
+    """MiniMind2's get_lr (trainer/train_pretrain.py at 5ffde04), written out independently."""
+    return lr / 10 + 0.5 * lr * (1 + math.cos(math.pi * step / total))
+
+
+def test_default_learning_rate_is_minimind2s_curve():
+    lr, total = 5e-4, 200
+    assert learning_rate_at(0, total, lr) == pytest.approx(1.1 * lr)
+    assert learning_rate_at(total // 2, total, lr) == pytest.approx(0.6 * lr)
+    assert learning_rate_at(total, total, lr) == pytest.approx(lr / 10)
+    for step in (0, 1, 37, total // 2, total - 1, total):
+        assert learning_rate_at(step, total, lr) == pytest.approx(minimind2_lr(step, total, lr), rel=1e-12)
+
+
+def test_warmup_ramps_up_to_the_curve_then_leaves_it_unchanged():
     lr, total, warmup = 1e-3, 100, 10
-    assert learning_rate_at(0, total, lr, warmup) == pytest.approx(lr / warmup)
-    assert learning_rate_at(9, total, lr, warmup) == pytest.approx(lr)
-    assert learning_rate_at(10, total, lr, warmup) == pytest.approx(lr)
-    assert learning_rate_at(total, total, lr, warmup) == pytest.approx(lr / 10)
-    decay = [learning_rate_at(s, total, lr, warmup) for s in range(10, total + 1)]
+    assert learning_rate_at(0, total, lr, warmup) == pytest.approx(minimind2_lr(0, total, lr) / warmup)
+    assert learning_rate_at(4, total, lr, warmup) == pytest.approx(minimind2_lr(4, total, lr) * 5 / warmup)
+    for step in (9, 10, 50, total):  # the last warm-up step reaches the curve; after it, no change
+        assert learning_rate_at(step, total, lr, warmup) == pytest.approx(minimind2_lr(step, total, lr))
+    ramp = [learning_rate_at(s, total, lr, warmup) for s in range(warmup)]
+    assert all(a < b for a, b in zip(ramp, ramp[1:]))
+    decay = [learning_rate_at(s, total, lr, warmup) for s in range(warmup - 1, total + 1)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
 
 

@@ -379,3 +379,87 @@ def test_yarn_is_transformers_yarn(hidden, scaling):
 def test_bad_head_configuration_is_a_clear_error():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         MiniMindConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
+
+
+# -- initialisation ----------------------------------------------------------------------------
+
+def assert_kaiming_uniform(weight: torch.Tensor, name: str):
+    """PyTorch's nn.Linear default, kaiming_uniform_(a=sqrt(5)): uniform in ±1/sqrt(fan_in),
+    so mean 0 and std bound/sqrt(3)."""
+    bound = 1 / weight.shape[1] ** 0.5
+    w = weight.detach().double()
+    assert w.abs().max() <= bound, name
+    assert w.abs().max() > 0.99 * bound, name  # fills the interval (a narrower draw would fail)
+    assert abs(w.mean()) < 0.05 * bound, name
+    assert w.std() == pytest.approx(bound / 3 ** 0.5, rel=0.05), name
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_default_init_is_pytorchs_per_module_type(use_moe):
+    """As MiniMind2's code leaves a new model: every Linear (and the MoE router) kaiming-uniform,
+    the embedding is the lm_head Linear's matrix, RMSNorm weights 1."""
+    model = tiny_model(hidden_size=128, use_moe=use_moe, n_routed_experts=3)
+    linears = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    routers = {name: m.weight for name, m in model.named_modules() if type(m).__name__ == "MoEGate"}
+    assert len(routers) == (2 if use_moe else 0)
+    for name, weight in {**linears, **routers}.items():
+        assert_kaiming_uniform(weight, name)
+    assert model.model.embed_tokens.weight is model.lm_head.weight
+    embedding = model.model.embed_tokens.weight.detach()
+    assert embedding.std() == pytest.approx(1 / (3 * 128) ** 0.5, rel=0.02)  # 0.051, not N(0,1)'s 1
+    norms = [m.weight for m in model.modules() if type(m).__name__ == "RMSNorm"]
+    assert len(norms) == 2 * 2 + 1 and all(bool((w == 1).all()) for w in norms)
+
+
+def test_default_init_draws_each_weight_once_in_construction_order():
+    """The weights are what PyTorch's constructors drew, in MiniMind2's module order (embedding,
+    then per layer q/k/v/o, gate/down/up, then lm_head): transformers' post_init draws nothing
+    more. So one seed gives MiniMind2's initial weights."""
+    config = tiny_config()
+    torch.manual_seed(3)
+    model = MiniMindForCausalLM(config)
+    torch.manual_seed(3)
+    torch.nn.Embedding(VOCAB, config.hidden_size)  # drawn first, then replaced by the tied lm_head
+    expected = {}
+    for i in range(config.num_hidden_layers):
+        shapes = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (64, 32), "self_attn.v_proj": (64, 32),
+                  "self_attn.o_proj": (64, 64), "mlp.gate_proj": (64, 192), "mlp.down_proj": (192, 64),
+                  "mlp.up_proj": (64, 192)}
+        for name, (fan_in, fan_out) in shapes.items():
+            expected[f"model.layers.{i}.{name}.weight"] = torch.nn.Linear(fan_in, fan_out, bias=False).weight
+    expected["lm_head.weight"] = torch.nn.Linear(config.hidden_size, VOCAB, bias=False).weight
+    state = model.state_dict()
+    for name, weight in expected.items():
+        assert torch.equal(state[name], weight), name
+    assert torch.equal(state["model.embed_tokens.weight"], expected["lm_head.weight"])
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_normal_init_option(use_moe):
+    std = 0.05
+    model = tiny_model(hidden_size=128, use_moe=use_moe, weight_init="normal", initializer_range=std)
+    matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "MoEGate"]
+    for weight in matrices:
+        w = weight.detach().double()
+        assert abs(w.mean()) < 0.1 * std and w.std() == pytest.approx(std, rel=0.1)
+        assert w.abs().max() > 2.5 * std  # a normal's tails, not a uniform's hard bound
+    assert model.model.embed_tokens.weight is model.lm_head.weight
+    assert all(bool((m.weight == 1).all()) for m in model.modules() if type(m).__name__ == "RMSNorm")
+    with pytest.raises(ValueError, match="weight_init 'xavier'"):
+        tiny_config(weight_init="xavier")
+
+
+def test_loading_keeps_the_saved_weights_and_fills_a_missing_one_with_the_default(tmp_path):
+    saved = tiny_model(seed=5, weight_init="normal")
+    saved.save_pretrained(tmp_path)
+    loaded = MiniMindForCausalLM.from_pretrained(tmp_path)
+    for name, weight in saved.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], weight), name
+    # a checkpoint without one layer's weight: that weight gets PyTorch's default, not garbage
+    from safetensors.torch import load_file, save_file
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    patched = MiniMindForCausalLM.from_pretrained(tmp_path, weight_init="pytorch")
+    assert_kaiming_uniform(patched.model.layers[1].mlp.up_proj.weight, "filled in")
+    assert torch.equal(patched.model.layers[0].mlp.up_proj.weight, saved.model.layers[0].mlp.up_proj.weight)

@@ -15,6 +15,7 @@ import torch
 
 from model.checkpoint import REPO_ROOT, SCRIPT_OF_STAGE
 from model.command_line import ArgumentParser, check_size_flags, default_device
+from model.model_minimind import WEIGHT_INITS
 from trainer.loss_weighting import MODES as LOSS_WEIGHTINGS
 from trainer.processes import log
 
@@ -60,6 +61,9 @@ def build_parser(description: str, **stage_defaults) -> argparse.ArgumentParser:
     model.add_argument("--num_hidden_layers", type=int, default=8, help="depth")
     model.add_argument("--use_moe", type=int, default=0, choices=[0, 1], help="1: mixture-of-experts FFN")
     model.add_argument("--max_seq_len", type=int, default=512, help="samples are truncated to this many tokens")
+    model.add_argument("--weight_init", default="pytorch", choices=WEIGHT_INITS,
+                       help="random init of a new model: pytorch = PyTorch's defaults, as MiniMind2 "
+                            "(kaiming-uniform Linears, embedding tied to lm_head); normal = normal(0, 0.02)")
 
     run = p.add_argument_group("hardware and logging")
     run.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: cuda if available)")

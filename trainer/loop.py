@@ -110,15 +110,15 @@ def optimizer_steps(loader, accumulation_steps: int):
 
 
 def learning_rate_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0) -> float:
-    """Linear warm-up to peak_lr, then MiniMind's cosine decay down to a floor of peak_lr / 10.
-
-    (MiniMind2 writes lr/10 + lr/2·(1 + cos): it starts at 1.1·lr; here the cosine runs from
-    exactly peak_lr to peak_lr/10 over the steps after warm-up.)"""
+    """MiniMind2's curve, lr/10 + lr/2·(1 + cos(π·step/total)): a half cosine from 1.1·lr at
+    step 0 down to lr/10 at the last step, so MiniMind2's recipes (its --learning_rate values)
+    give the same run here. With warm-up, the first warmup_steps steps ramp linearly up to the
+    curve (step s gets (s+1)/warmup_steps of it); after them the curve is unchanged."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    lr = peak_lr / 10 + 0.5 * peak_lr * (1.0 + math.cos(math.pi * progress))
     if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    floor = peak_lr / 10
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return floor + (peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        lr *= (step + 1) / warmup_steps
+    return lr
 
 
 def autocast_context(device: torch.device, dtype: str):

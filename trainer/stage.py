@@ -36,7 +36,8 @@ def build_model(args, from_weight: str, hidden_size: int | None = None, num_hidd
     num_hidden_layers = num_hidden_layers or args.num_hidden_layers
     use_moe = bool(args.use_moe if use_moe is None else use_moe)
     seed_everything(args.seed)
-    model = MiniMindForCausalLM(config_from_sizes(hidden_size, num_hidden_layers, use_moe))
+    model = MiniMindForCausalLM(config_from_sizes(hidden_size, num_hidden_layers, use_moe,
+                                                  weight_init=args.weight_init))
     if from_weight != "none":
         path = weight_path(args.out_dir, from_weight, hidden_size, use_moe)
         require_weights(path, from_weight, hidden_size, num_hidden_layers, use_moe)
