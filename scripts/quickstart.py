@@ -42,7 +42,8 @@ class Size:
 # The default is sized for a 2-core CPU (about 6-7 minutes in all); --tiny is for the test suite.
 SIZES = {
     "default": Size(hidden_size=256, num_hidden_layers=4, max_seq_len=128,
-                    epochs={"pretrain": 2, "full_sft": 2, "rlhf": 1, "reason": 6, "lora": 3}),
+                    # reason: 10 epochs (was 6); with MiniMind2's init and LR curve, 6 left 5+6=10
+                    epochs={"pretrain": 2, "full_sft": 2, "rlhf": 1, "reason": 10, "lora": 3}),
     "tiny": Size(hidden_size=64, num_hidden_layers=2, max_seq_len=96,
                  epochs={"pretrain": 1, "full_sft": 1, "rlhf": 1, "reason": 1, "lora": 1}, max_steps=2),
 }
