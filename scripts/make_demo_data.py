@@ -120,20 +120,25 @@ def greeting_pairs():
     return [(q, GREETING_ZH) for q in GREETING_Q_ZH] + [(q, GREETING_EN) for q in GREETING_Q_EN]
 
 
-def capital_pairs():
+def table_pairs(table, placeholder, questions_zh, questions_en, answer_zh, answer_en):
+    """Question/answer pairs in both languages for each row of a (zh, zh, en, en) table: the
+    question templates fill {placeholder} with the row's subject, the answers are functions of
+    the row."""
     pairs = []
-    for c, cap, c_en, cap_en in CAPITALS:
-        pairs += [(q.format(c=c), f"{c}的首都是{cap}。") for q in CAPITAL_Q_ZH]
-        pairs += [(q.format(c=c_en), f"The capital of {c_en} is {cap_en}.") for q in CAPITAL_Q_EN]
+    for zh, zh_value, en, en_value in table:
+        pairs += [(q.format(**{placeholder: zh}), answer_zh(zh, zh_value)) for q in questions_zh]
+        pairs += [(q.format(**{placeholder: en}), answer_en(en, en_value)) for q in questions_en]
     return pairs
+
+
+def capital_pairs():
+    return table_pairs(CAPITALS, "c", CAPITAL_Q_ZH, CAPITAL_Q_EN, lambda c, cap: f"{c}的首都是{cap}。",
+                       lambda c, cap: f"The capital of {c} is {cap}.")
 
 
 def colour_pairs():
-    pairs = []
-    for t, col, t_en, col_en in COLOURS:
-        pairs += [(q.format(t=t), f"{t}是{col}的。") for q in COLOUR_Q_ZH]
-        pairs += [(q.format(t=t_en), f"{t_en[0].upper() + t_en[1:]} is {col_en}.") for q in COLOUR_Q_EN]
-    return pairs
+    return table_pairs(COLOURS, "t", COLOUR_Q_ZH, COLOUR_Q_EN, lambda t, col: f"{t}是{col}的。",
+                       lambda t, col: f"{t[0].upper() + t[1:]} is {col}.")
 
 
 def fact_pairs():
@@ -342,11 +347,16 @@ def make_tokenizer_train(rng, n, pretrain, sft):
     return [{"text": t} for t in texts]
 
 
+def display_path(path: Path) -> str:
+    """Repo-relative inside the repository, as given elsewhere (--out_dir may point anywhere)."""
+    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"{path.relative_to(ROOT)}: {len(rows)} lines, {path.stat().st_size / 1024:.0f} KB")
+    print(f"{display_path(path)}: {len(rows)} lines, {path.stat().st_size / 1024:.0f} KB")
 
 
 def main():
