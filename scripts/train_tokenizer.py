@@ -7,6 +7,9 @@ Special tokens (fixed ids, see DESIGN.md):
     0 <|endoftext|>  padding / unknown
     1 <|im_start|>   beginning of a ChatML message (bos)
     2 <|im_end|>     end of a ChatML message (eos)
+Added tokens that are text, not control (ids 3-8): <think> </think> <tool_call> </tool_call>
+<tool_response> </tool_response>. Each is one token wherever it appears in a text, and
+decode(..., skip_special_tokens=True) keeps it: it is part of a reasoning or tool-call answer.
 
 The input is streamed line by line, so a 1 GB file never sits in memory. A line that is
 not JSON or has no string "text" stops the run with "path:line: what is wrong", unless
@@ -23,6 +26,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TAG_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 DEFAULT_SYSTEM = "You are a helpful assistant"
 
 # MiniMind2's ChatML: the system turn is always written (the default one when the first
@@ -81,7 +85,7 @@ def train(data_path, vocab_size, skip_bad_lines=False):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,  # listed first, so they get ids 0, 1, 2
+        special_tokens=SPECIAL_TOKENS + TAG_TOKENS,  # listed first, so they get ids 0-8
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,  # our own byte progress bar covers the reading
     )
@@ -89,15 +93,25 @@ def train(data_path, vocab_size, skip_bad_lines=False):
     tokenizer.train_from_iterator(read_texts(data_path, skip_bad_lines, bad_lines), trainer=trainer)
     if bad_lines.count:
         print(f"skipped {bad_lines.count} malformed line(s) in {data_path}")
-    return tokenizer
+    return tags_not_special(tokenizer)
+
+
+def tags_not_special(tokenizer):
+    """The trainer registers all its reserved tokens as special; the tags are text, so that
+    decode(..., skip_special_tokens=True) keeps them."""
+    data = json.loads(tokenizer.to_str())
+    for added in data["added_tokens"]:
+        if added["content"] in TAG_TOKENS:
+            added["special"] = False
+    return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
 
 def tokenizer_config():
     """What transformers' AutoTokenizer reads next to tokenizer.json."""
     added_tokens = {
         str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": True}
-        for i, tok in enumerate(SPECIAL_TOKENS)
+                 "single_word": False, "special": tok in SPECIAL_TOKENS}
+        for i, tok in enumerate(SPECIAL_TOKENS + TAG_TOKENS)
     }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -137,6 +151,13 @@ def self_check(out_dir, vocab_size):
     print("chat template:\n" + prompt)
     round_trip = tok.decode(tok(prompt)["input_ids"])
     assert round_trip == prompt, "chat round-trip changed the text"
+
+    tag_ids = tok.convert_tokens_to_ids(TAG_TOKENS)
+    answer = "<think>\n想一想\n</think>\n<tool_call>\n{}\n</tool_call>\n<tool_response>\n{}\n</tool_response>"
+    ids = tok(answer)["input_ids"]
+    assert all(ids.count(i) == 1 for i in tag_ids), "a tag token is split"
+    assert tok.decode(ids, skip_special_tokens=True) == answer, "decode drops a tag token"
+    print(f"tag tokens (added, not special): {dict(zip(TAG_TOKENS, tag_ids))}")
 
     sample = "MiniMind 是一个小型语言模型 (small LM) 🚀, trained from scratch!"
     ids = tok(sample)["input_ids"]

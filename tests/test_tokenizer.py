@@ -34,14 +34,45 @@ def test_encode_decode_identity(tok, text):
     assert tok.decode(ids) == text
 
 
+TAG_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+
+
+def test_tag_tokens_are_single_added_tokens_that_decode_keeps(tok):
+    assert tok.convert_tokens_to_ids(TAG_TOKENS) == [3, 4, 5, 6, 7, 8]
+    answer = ('<think>\n先查天气。\n</think>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n'
+              '</tool_call>\n<tool_response>\n{"temp": 21}\n</tool_response>\n北京21度。')
+    chat = f"<|im_start|>assistant\n{answer}<|im_end|>\n"
+    ids = tok(chat, add_special_tokens=False)["input_ids"]
+    # each tag is one token, found inside running text (not only when it stands alone)
+    assert [ids.count(i) for i in range(3, 9)] == [1] * 6
+    for tag in TAG_TOKENS:
+        assert tok(f"x{tag}y", add_special_tokens=False)["input_ids"].count(tok.convert_tokens_to_ids(tag)) == 1
+    # the tags are text, not control: skipping special tokens drops <|im_start|>/<|im_end|> only
+    assert tok.decode(ids, skip_special_tokens=True) == "assistant\n" + answer + "\n"
+    assert tok.decode(ids) == chat
+
+
 def test_no_bos_added_automatically(tok):
     # datasets add bos/eos themselves, as MiniMind does
     assert tok("你好", add_special_tokens=True)["input_ids"] == tok("你好", add_special_tokens=False)["input_ids"]
 
 
-def test_common_chinese_and_english_words_are_single_tokens(tok):
-    for word in ["的", "是", "中国", "我们", "介绍", "一下", "自己", "问题", " the", " and"]:
-        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+@pytest.mark.parametrize("word", [
+    "的", "是", "中国", "我们", "介绍", "一下", "自己", "问题", " the", " and",
+    # common English words after a space (the previous tokenizer split these in 2-4 pieces)
+    " government", " question", " computer", " because", " people", " important",
+])
+def test_common_words_are_single_tokens(tok, word):
+    assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, tok.tokenize(word)
+
+
+def test_issue_12_common_words_cost_fewer_tokens_than_before(tok):
+    # Issue 12's ten words: 26 tokens with the previous tokenizer, 10 with MiniMind2's. This one
+    # still splits " science", " learning", "你好" and "人工智能" (bench/results/tokenizer.md).
+    words = [" government", " question", " computer", " science", " learning", " because", " people",
+             " important", "人工智能", "你好"]
+    tokens = {w: len(tok(w, add_special_tokens=False)["input_ids"]) for w in words}
+    assert sum(tokens.values()) <= 17, tokens
 
 
 def test_everyday_chinese_compresses_beyond_one_char_per_token(tok):
@@ -52,6 +83,16 @@ def test_everyday_chinese_compresses_beyond_one_char_per_token(tok):
     chars = sum(len(p) for p in chinese)
     tokens = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in chinese)
     assert chars / tokens >= 1.25, (chars, tokens)
+
+
+def test_python_code_compresses_like_minimind2(tok):
+    # The project's own model code is in no training corpus. MiniMind2's tokenizer gives 2.31
+    # characters per token on these two files, the tokenizer trained without code gave 1.88.
+    sources = [open(os.path.join(REPO_ROOT, "model", name), encoding="utf-8").read()
+               for name in ("model_minimind.py", "model_lora.py")]
+    chars = sum(len(s) for s in sources)
+    tokens = sum(len(tok(s, add_special_tokens=False)["input_ids"]) for s in sources)
+    assert chars / tokens >= 0.95 * 2.31, (chars, tokens)
 
 
 # ChatML as MiniMind2 writes it (DESIGN.md), built by hand
