@@ -7,15 +7,19 @@ Sources (see requirements-tokenizer.txt and bench/results/tokenizer.md):
      manuals (debian-reference-zh-cn, debian-faq-zh-cn, maint-guide-zh-cn,
      debian-edu-doc-zh-cn). Without them the merges go to single characters and man-page
      terms, and chat Chinese costs ~10-40% more tokens than with MiniMind2's tokenizer.
-  2. English prose: the HTML documentation of Python (python3.11-doc) and the English Debian
-     manuals (debian-reference-en, debian-faq, maint-guide, developers-reference).
+  2. English prose: the HTML documentation of Python (python3.11-doc), the English Debian
+     manuals (debian-reference-en, debian-faq, maint-guide, developers-reference), GNOME's
+     desktop help (gnome-user-docs) and fortune's quotations (fortunes): the last two are
+     everyday sentences, which technical documentation lacks.
   3. Code: the Python standard library as Debian installs it (libpython3.11-minimal,
      libpython3.11-stdlib: /usr/lib/python3.11/**/*.py).
   4. Technical prose: the Chinese man pages (Debian package `manpages-zh`) and the English
-     man pages installed under /usr/share/man, rendered to plain text with groff.
+     man pages of the Linux man-pages project and Debian's base tools (EN_MAN_PACKAGES),
+     rendered to plain text with groff.
   5. Frequency-weighted synthetic text: words sampled by their real-world frequency from
      the `wordfreq` lists (zh, en) and from `jieba`'s Chinese dictionary, so a 6400-token
-     vocabulary spends its merges on the *common* characters and words.
+     vocabulary spends its merges on the *common* characters and words (73% of the corpus:
+     everyday words need thousands of occurrences to win a merge).
 
 Nothing of this text is committed: the corpus is rebuilt from the installed packages.
 bench/bench_tokenizer.py measures on other sources (none of the packages above).
