@@ -38,7 +38,10 @@ def one_thread():
 def model(tokenizer, one_thread):
     """Trained for 80 steps on the demo SFT chats, so replies to chat prompts vary and greedy
     choices have clear margins."""
-    torch.manual_seed(0)
+    # Seed 1: these 80 steps are sensitive to the draw. With the shipped tokenizer seed 0 gives a
+    # model that answers every prompt with "\n" repeated (loss 3.7), and seeds 2, 3 and 4 fail the
+    # stop test (seed 3's replies run into <|im_start|>); the tests need replies that differ per prompt.
+    torch.manual_seed(1)
     # normal(0, 0.02) init: after these 80 steps its margins are still small enough for the
     # penalty test to flip a token (PyTorch's default init learns the replies too confidently)
     model = MiniMindForCausalLM(config_from_sizes(64, 2, False, weight_init="normal"))

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 import torch
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from model.checkpoint import config_from_sizes, save_weights
 from model.engine import Engine, SamplingParams
@@ -295,7 +296,10 @@ def test_chat_logprobs_equal_the_model_s(client, local):
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens - (reply.choices[0].finish_reason == "stop")
     prompt = build_prompt_ids(tokenizer, [{"role": "user", "content": question}])
-    reply_ids = tokenizer("".join(e.token for e in content), add_special_tokens=False)["input_ids"]
+    # the sampled ids from each entry's bytes: re-encoding the joined text can merge or split
+    # sampled tokens differently (a sampled sequence need not be BPE's own encoding of its text)
+    character_of_byte = bytes_to_unicode()
+    reply_ids = tokenizer.convert_tokens_to_ids(["".join(character_of_byte[b] for b in e.bytes) for e in content])
     expected = token_logprobs(model, prompt + reply_ids)[len(prompt) - 1:]
     assert torch.allclose(torch.tensor([e.logprob for e in content]), expected, atol=1e-4)
     assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)
