@@ -270,36 +270,38 @@ def en_word_distribution(top_n, power=1.0):
     return words, tempered(p, power)
 
 
-def synth_zh_documents(words, p, n_chars, rng):
-    """Chinese 'sentences' of frequency-sampled words with Chinese punctuation."""
+def synth_documents(words, p, n_chars, rng, sentence_words: tuple[int, int], make_sentence):
+    """Documents of 3-7 sentences whose words are sampled by frequency; make_sentence(words, rng)
+    joins one sentence's words and punctuates it."""
     made = 0
     while made < n_chars:
-        sentence_lengths = rng.integers(4, 16, size=rng.integers(3, 8))
+        sentence_lengths = rng.integers(*sentence_words, size=rng.integers(3, 8))
         sampled = iter(rng.choice(len(words), size=int(sentence_lengths.sum()), p=p))
-        sentences = []
-        for n in sentence_lengths:
-            clause = "".join(words[next(sampled)] for _ in range(n))
-            sentences.append(clause + ("，" if rng.random() < 0.4 else "。"))
-        doc = "".join(sentences)
+        doc = "".join(make_sentence([words[next(sampled)] for _ in range(n)], rng) for n in sentence_lengths)
+        doc = doc.strip()
         made += len(doc)
         yield doc
+
+
+def zh_sentence(words, rng):
+    """Chinese: words run together, a comma or a full stop."""
+    return "".join(words) + ("，" if rng.random() < 0.4 else "。")
+
+
+def en_sentence(words, rng):
+    """English: capitalised, spaced; some sentences end a line, so capitalised words also occur
+    without a leading space."""
+    sentence = " ".join(words)
+    end = ", " if rng.random() < 0.2 else (".\n" if rng.random() < 0.3 else ". ")
+    return sentence[:1].upper() + sentence[1:] + end
+
+
+def synth_zh_documents(words, p, n_chars, rng):
+    return synth_documents(words, p, n_chars, rng, (4, 16), zh_sentence)
 
 
 def synth_en_documents(words, p, n_chars, rng):
-    """English sentences of frequency-sampled words, capitalised, with punctuation."""
-    made = 0
-    while made < n_chars:
-        sentence_lengths = rng.integers(5, 20, size=rng.integers(3, 8))
-        sampled = iter(rng.choice(len(words), size=int(sentence_lengths.sum()), p=p))
-        sentences = []
-        for n in sentence_lengths:
-            sentence = " ".join(words[next(sampled)] for _ in range(n))
-            # some sentences end a line, so capitalised words also occur without a leading space
-            end = ", " if rng.random() < 0.2 else (".\n" if rng.random() < 0.3 else ". ")
-            sentences.append(sentence[:1].upper() + sentence[1:] + end)
-        doc = "".join(sentences).strip()
-        made += len(doc)
-        yield doc
+    return synth_documents(words, p, n_chars, rng, (5, 20), en_sentence)
 
 
 # ---------------------------------------------------------------- demo data
