@@ -5,6 +5,8 @@
 One seeded shuffle per epoch, the same on every rank, cut into optimizer steps; a resumed run
 skips the samples it already trained on, even with another number of processes.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -16,6 +18,7 @@ from trainer.loss_weighting import loss_terms
 from trainer.processes import ignore_stop_signals, local_processes
 
 
+@dataclass
 class StepBatchSampler:
     """This rank's micro-batches (lists of sample indices) for one epoch.
 
@@ -27,19 +30,24 @@ class StepBatchSampler:
     out of this epoch (the next epoch's shuffle covers it). This takes the place of
     DistributedSampler: sharding by rank, reseeded every epoch like its set_epoch."""
 
-    def __init__(self, num_samples: int, batch_size: int, accumulation_steps: int, rank: int, world_size: int,
-                 seed: int, epoch: int, skip_samples: int = 0, lengths=None, group_size: int = 0):
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.accumulation_steps = accumulation_steps
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.epoch = epoch
-        self.skip_samples = skip_samples
-        self.lengths = None if lengths is None else torch.from_numpy(np.array(lengths, dtype=np.int64))
-        self.group_size = group_size
-        self.samples_per_step = batch_size * accumulation_steps * world_size
+    num_samples: int
+    batch_size: int
+    accumulation_steps: int
+    rank: int
+    world_size: int
+    seed: int
+    epoch: int
+    skip_samples: int = 0  # samples of this epoch already trained (resume)
+    lengths: object = None  # a length per sample, for length grouping
+    group_size: int = 0
+
+    def __post_init__(self):
+        if self.lengths is not None:
+            self.lengths = torch.from_numpy(np.array(self.lengths, dtype=np.int64))
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.accumulation_steps * self.world_size
 
     @property
     def steps(self) -> int:
