@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model.inference import load_model, model_args
-from test_server import free_port, tiny_model, wait_until_serving
+from test_server import running_server, tiny_model
 from model.checkpoint import save_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,20 +48,8 @@ metric_list:
 def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("out")
     save_weights(tiny_model(), str(folder / "full_sft_64.pth"))
-    port = free_port()
-    log_path = folder / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--out_dir", str(folder),
-             "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=folder)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_until_serving(base_url + "/models", process, log_path)
+    with running_server(folder, folder / "server.log") as base_url:
         yield base_url, folder
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:

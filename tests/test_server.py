@@ -5,6 +5,7 @@ scripts/chat_openai_api.py against it.
 The server runs a tiny random MiniMind (gibberish text, deterministic at temperature 0) with
 --api_key, so every request here carries the key except the ones checking that it is needed,
 and with --context_length 2048 so a too-long prompt is cheap to send."""
+import contextlib
 import json
 import socket
 import subprocess
@@ -60,6 +61,25 @@ def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path, time
     raise RuntimeError(f"server did not answer within {timeout} s:\n{log_path.read_text()}")
 
 
+@contextlib.contextmanager
+def running_server(out_dir: Path, log_path: Path, *flags: str):
+    """A tiny-model server (hidden 64, 2 layers, CPU) on a free loopback port with the extra
+    flags; yields its base URL and stops it afterwards."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--out_dir", str(out_dir),
+             "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--port", str(port), *flags],
+            stdout=log, stderr=subprocess.STDOUT, cwd=out_dir)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_until_serving(base_url + "/models", process, log_path)
+        yield base_url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("out")
@@ -70,21 +90,9 @@ def out_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(out_dir, tmp_path_factory):
     """(base_url, log file) of a running server; stopped after the module."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--out_dir", str(out_dir),
-             "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--port", str(port),
-             "--api_key", API_KEY, "--context_length", str(CONTEXT)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=out_dir)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_until_serving(base_url + "/models", process, log_path)
+    with running_server(out_dir, log_path, "--api_key", API_KEY, "--context_length", str(CONTEXT)) as base_url:
         yield base_url, log_path
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -379,21 +387,10 @@ def test_health(server):
 @pytest.fixture(scope="module")
 def busy_server(out_dir, tmp_path_factory):
     """One slot and a queue of one, to fill it on purpose."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("busy") / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--out_dir", str(out_dir),
-             "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--port", str(port),
-             "--context_length", str(CONTEXT), "--max_batch_size", "1", "--max_queue", "1"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=out_dir)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_until_serving(base_url + "/models", process, log_path)
+    with running_server(out_dir, log_path, "--context_length", str(CONTEXT), "--max_batch_size", "1",
+                        "--max_queue", "1") as base_url:
         yield base_url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_a_full_queue_answers_429_and_bad_requests_are_answered_at_once(busy_server):
