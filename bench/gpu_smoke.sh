@@ -4,7 +4,7 @@
 # Tiny models (hidden 128, 2 layers) on the bundled demo data, 3 optimizer steps a stage:
 # pretrain (also --packing 1, --use_moe 1), full SFT, DPO, LoRA, reasoning distillation and
 # white-box distillation, each launched with `torchrun --nproc_per_node 1`, then the chain
-# again with --compile 1; then bench_gpu.py --quick. Logs, metrics files and a summary go to
+# again with --compile 1; then bench_gpu.py --quick and bench_gpu_busy.py. Logs, metrics files and a summary go to
 # $OUT (default: ./gpu_smoke_out): summary.txt, and every log and metrics file in logs.tar.gz
 # (the device tool brings back at most 8 files). Exit code 0 only if every run passed.
 #
@@ -61,5 +61,11 @@ else
     echo "FAIL bench_gpu --quick: see bench_quick.log" | tee -a "$SUMMARY"; tail -20 "$LOGS/bench_quick.log" >> "$SUMMARY"; FAILED=1
 fi
 tail -8 "$LOGS/bench_quick.log" >> "$SUMMARY"
+start=$SECONDS
+if PYTHONUNBUFFERED=1 $PY bench/bench_gpu_busy.py --steps 40 --out "$OUT/gpu_busy.json" > "$LOGS/bench_busy.log" 2>&1; then
+    echo "PASS bench_gpu_busy ($((SECONDS - start)) s): $(grep -o '"busy": [0-9.]*' "$OUT/gpu_busy.json" | tr '\n' ' ')" | tee -a "$SUMMARY"
+else
+    echo "FAIL bench_gpu_busy: see bench_busy.log" | tee -a "$SUMMARY"; tail -20 "$LOGS/bench_busy.log" >> "$SUMMARY"; FAILED=1
+fi
 tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 exit $FAILED

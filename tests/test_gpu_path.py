@@ -183,3 +183,22 @@ def test_bench_gpu_help_and_refusal_without_cuda(tmp_path):
                                                    "False here, nothing was measured"]
     assert not (tmp_path / "gpu.json").exists()
 
+
+
+# --- bench_gpu_busy.py ----------------------------------------------------------------------------
+
+def test_bench_gpu_busy_measures_the_loader_on_cpu_and_refuses_the_busy_part(tmp_path):
+    script = f"{REPO_ROOT}/bench/bench_gpu_busy.py"
+    out = tmp_path / "busy.json"
+    ran = subprocess.run([sys.executable, script, "--loader_only", "--stages", "sft", "--samples", "300",
+                          "--loader_batches", "5", "--device", "cpu", "--out", str(out)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    # the trainer's CPU default (no workers) and five batches of 16 rows x 512 positions read
+    assert row["num_workers"] == 0 and row["batches"] == 5
+    assert 0 < row["real_tokens_per_s"] < row["padded_tokens_per_s"]  # demo SFT rows are shorter than 512
+    refused = subprocess.run([sys.executable, script, "--device", "cpu", "--out", str(tmp_path / "b.json")],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode != 0 and "needs a CUDA GPU" in refused.stderr and "--loader_only" in refused.stderr
+    assert not (tmp_path / "b.json").exists()
