@@ -21,11 +21,14 @@ The model needs nothing special for this: its attention writes through
 `past_key_values.update(k, v, layer_idx)` (as transformers' DynamicCache expects), and
 CacheView implements exactly that call on top of the slots.
 """
+import queue
+import random
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 
 EOS_TOKEN_ID = 2  # <|im_end|>: a chat reply ends here
@@ -45,11 +48,13 @@ class SlotKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.slots, self.max_seq_len = slots, max_seq_len
 
-    def write(self, layer: int, first_slot: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (rows, kv_heads, T, head_dim) of slots first_slot.. at positions (rows, T)."""
+    def write(self, layer: int, first_slot: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              start: int | None = None):
+        """Store k, v (rows, kv_heads, T, head_dim) of slots first_slot.. at positions (rows, T).
+        `start`: one row whose positions run start, start+1, ...: a plain slice copy, the
+        cheapest write there is."""
         rows, length = positions.shape
-        if rows == 1:  # one row: a plain slice copy, the cheapest write there is
-            start = int(positions[0, 0])
+        if start is not None:
             self.keys[layer][first_slot, :, start:start + length] = k[0]
             self.values[layer][first_slot, :, start:start + length] = v[0]
             return
@@ -71,11 +76,15 @@ class CacheView:
     The model calls `update` once per layer (the DynamicCache interface) and `get_seq_length`
     once per forward."""
 
-    def __init__(self, cache: SlotKVCache, first_slot: int, positions: torch.Tensor, key_len: int):
+    def __init__(self, cache: SlotKVCache, first_slot: int, positions: torch.Tensor, key_len: int,
+                 static: bool = False):
         self.cache, self.first_slot, self.positions, self.key_len = cache, first_slot, positions, key_len
+        # One row: its first position read once per forward, not once per layer. A captured
+        # step (static) must not read a tensor's value on the host, so it never takes this path.
+        self.start = int(positions[0, 0]) if positions.shape[0] == 1 and not static else None
 
     def update(self, k, v, layer_idx, cache_kwargs=None):
-        self.cache.write(layer_idx, self.first_slot, self.positions, k, v)
+        self.cache.write(layer_idx, self.first_slot, self.positions, k, v, self.start)
         rows = slice(self.first_slot, self.first_slot + self.positions.shape[0])
         return self.cache.keys[layer_idx][rows, :, :self.key_len], self.cache.values[layer_idx][rows, :, :self.key_len]
 
@@ -147,7 +156,7 @@ class Sequence:
         self.text = ""
         self.finish_reason: str | None = None
         self.cancelled = False  # set from any thread; the engine drops the row at its next step
-        self.generator: torch.Generator | None = None
+        self.generator: random.Random | None = None  # the sampling stream (see Engine.random_of)
         self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
         self.stop_filter = StopStringFilter(params.stop)
         self.slot: int | None = None  # which cache slot it occupies while running
@@ -375,25 +384,24 @@ class Engine:
 
     def sample_and_check(self, sequences: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         """Pick each row's next token from its logits (rows, vocab) with its own settings, record
-        it, and see whether the row is done."""
+        it, and see whether the row is done. All rows are processed together, tensor by tensor;
+        only the bookkeeping per row (appending, stop checks, text) runs in Python."""
         if not sequences:
             return []
         slots = torch.tensor([s.slot for s in sequences], device=self.device)
-        raw_logprobs = None
-        if any(s.params.logprobs or s.params.top_logprobs for s in sequences):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        wants_logprobs = any(s.params.logprobs or s.params.top_logprobs for s in sequences)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         processed = self.apply_penalties(logits, sequences, slots)
         next_ids = self.choose_tokens(processed, sequences)
         self.token_counts[slots, next_ids] += 1
         self.seen[slots, next_ids] = True
-        outputs = []
-        for row, (sequence, token) in enumerate(zip(sequences, next_ids.tolist())):
-            logprob, top = None, []
-            if raw_logprobs is not None:
-                logprob = raw_logprobs[row, token].item()
-                top = top_alternatives(raw_logprobs[row:row + 1], sequence.params.top_logprobs)[0]
-            outputs.append(self.append_token(sequence, token, logprob, top))
-        return outputs
+        tokens = next_ids.tolist()
+        logprobs, tops = [None] * len(tokens), [[] for _ in tokens]
+        if raw_logprobs is not None:
+            logprobs = raw_logprobs.gather(1, next_ids[:, None])[:, 0].tolist()
+            tops = top_alternatives(raw_logprobs, [s.params.top_logprobs for s in sequences])
+        return [self.append_token(sequence, token, logprob, top)
+                for sequence, token, logprob, top in zip(sequences, tokens, logprobs, tops)]
 
     def apply_penalties(self, logits: torch.Tensor, sequences: list[Sequence], slots: torch.Tensor) -> torch.Tensor:
         def column(name):
@@ -410,23 +418,28 @@ class Engine:
 
     def choose_tokens(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
         """Greedy rows take the argmax; sampled rows draw from softmax(logits / temperature)
-        cut to the top-p nucleus, each with its own random generator (so a seed reproduces a
-        reply whatever else is in the batch)."""
+        cut to the top-p nucleus, all in one batch, each with one uniform number from its own
+        random stream (so a seed reproduces a reply whatever else is in the batch)."""
         next_ids = logits.argmax(dim=-1)
-        for row, sequence in enumerate(sequences):
-            if sequence.params.temperature > 0:
-                next_ids[row] = sample_from(logits[row], sequence.params.temperature, sequence.params.top_p,
-                                            self.generator_of(sequence))
+        sampled = [row for row, s in enumerate(sequences) if s.params.temperature > 0]
+        if sampled:
+            params = [sequences[row].params for row in sampled]
+            temperature = torch.tensor([p.temperature for p in params], device=self.device)
+            top_p = torch.tensor([p.top_p for p in params], device=self.device)
+            uniforms = torch.tensor([self.random_of(sequences[row]).random() for row in sampled],
+                                    dtype=torch.float64, device=self.device)
+            rows = torch.tensor(sampled, device=self.device)
+            next_ids[rows] = sample_rows(logits[rows], temperature, top_p, uniforms)
         return next_ids
 
-    def generator_of(self, sequence: Sequence) -> torch.Generator:
+    def random_of(self, sequence: Sequence) -> random.Random:
+        """The sequence's own random stream: one uniform number per sampled token."""
         if sequence.generator is None:
             # no seed: one from torch's global generator, so torch.manual_seed still reproduces runs
             seed = sequence.params.seed
             if seed is None:
                 seed = int(torch.randint(0, 2**62, ()))
-            sequence.generator = torch.Generator(device=self.device)
-            sequence.generator.manual_seed(seed % 2**64)
+            sequence.generator = random.Random(seed)
         return sequence.generator
 
     # -- stop -------------------------------------------------------------------------------------
@@ -496,25 +509,61 @@ class Engine:
         self.rows[slot] = sequence
 
 
-def sample_from(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token id from one row's logits: softmax(logits / temperature), keep the smallest set
-    of likeliest tokens whose probabilities add up to top_p (nucleus sampling), draw one."""
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator)[0]
-    sorted_probs, sorted_ids = probs.sort(descending=True)
-    # drop a token once the tokens ranked above it already cover top_p (the first always stays)
-    outside_nucleus = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
-    sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
-    return sorted_ids[torch.multinomial(sorted_probs, 1, generator=generator)[0]]
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                uniforms: torch.Tensor) -> torch.Tensor:
+    """One token id per row of logits (rows, vocab): softmax(logits / temperature), cut to the
+    top-p nucleus, then the token where the row's uniform number u in [0, 1) falls in the
+    cumulative distribution (inverse-CDF sampling: one random number per token, not one per
+    vocabulary entry as torch.multinomial draws). Every row is computed on its own, so a row
+    gets the same token in any batch. temperature, top_p: (rows,) > 0; uniforms: (rows,) float64."""
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    next_ids = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+    whole = top_p >= 1.0
+    if whole.any():
+        next_ids[whole] = inverse_cdf(probs[whole], uniforms[whole])
+    nucleus = ~whole
+    if nucleus.any():
+        sorted_probs, sorted_ids = sort_descending(probs[nucleus])
+        # drop a token once the tokens ranked above it already cover top_p (the first always stays)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[nucleus, None]
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        picked = inverse_cdf(sorted_probs, uniforms[nucleus])
+        next_ids[nucleus] = sorted_ids.gather(1, picked[:, None])[:, 0]
+    return next_ids
 
 
-def top_alternatives(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
-    """[(token_id, logprob), ...] of the k likeliest tokens, per row of logprobs (rows, vocab)."""
-    if k <= 0:
-        return [[] for _ in range(logprobs.shape[0])]
-    values, ids = logprobs.topk(k, dim=-1)
-    return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative probability exceeds u * total (float64 sums;
+    the total need not be 1: a cut nucleus is not renormalised). An index with probability 0
+    is never chosen: the cumulative sum does not rise there."""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1]
+    # u < 1, but u * total can round up to total: stay strictly below it
+    targets = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, targets[:, None], right=True)[:, 0]
+
+
+def sort_descending(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs sorted per row, likeliest first, and their token ids. On the CPU numpy's sort is
+    several times faster than torch's for rows of a few thousand (measured: 47 vs 270 us per
+    6400-token row); each row is sorted on its own either way."""
+    if probs.device.type == "cpu":
+        order = torch.from_numpy(numpy.argsort(-probs.numpy(), axis=-1))
+    else:
+        order = probs.argsort(dim=-1, descending=True)
+    return probs.gather(1, order), order
+
+
+def top_alternatives(logprobs: torch.Tensor, k) -> list[list[tuple[int, float]]]:
+    """[(token_id, logprob), ...] of the k likeliest tokens, per row of logprobs (rows, vocab);
+    k is one number for all rows or one per row."""
+    ks = [k] * logprobs.shape[0] if isinstance(k, int) else list(k)
+    largest = max(ks, default=0)
+    if largest <= 0:
+        return [[] for _ in ks]
+    values, ids = logprobs.topk(largest, dim=-1)
+    return [list(zip(row_ids[:row_k], row_values[:row_k]))
+            for row_ids, row_values, row_k in zip(ids.tolist(), values.tolist(), ks)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,7 +591,7 @@ class StaticDecodeStep:
         engine = self.engine
         key_len = engine.max_seq_len
         mask = (torch.arange(key_len, device=positions.device) <= positions)[:, None, None, :]
-        view = CacheView(engine.cache, 0, positions, key_len)
+        view = CacheView(engine.cache, 0, positions, key_len, static=True)
         hidden = engine.forward(input_ids, positions, view, mask)
         return engine.model.lm_head(hidden[:, -1]).float()
 
@@ -646,6 +695,7 @@ class EngineLoop:
         self.inbox_size = 0
         self.wakeup = threading.Condition()
         self.error_handler = None
+        self.closed = False
         self.thread = threading.Thread(target=self.run, name="minimind-engine", daemon=True)
         self.thread.start()
 
@@ -656,6 +706,8 @@ class EngineLoop:
         for sequence in sequences:
             sequence.on_output = on_output
         with self.wakeup:
+            if self.closed:
+                raise RuntimeError("the engine loop is closed")
             if self.inbox_size + len(self.engine.waiting) + len(sequences) > self.max_queue:
                 raise QueueFull(f"{self.inbox_size + len(self.engine.waiting)} requests are waiting "
                                 f"(--max_queue {self.max_queue})")
@@ -664,13 +716,41 @@ class EngineLoop:
             self.wakeup.notify()
         return sequences
 
+    def stream(self, prompt_ids: list[int], params: SamplingParams):
+        """Submit one sequence and return an iterator over its StepOutputs, for a caller on
+        another thread that wants to read them in a loop (the web demo). Closing the iterator
+        early (the reader went away) cancels the sequence. Raises QueueFull."""
+        outputs = queue.SimpleQueue()
+        sequence, = self.submit(prompt_ids, [params], outputs.put)
+
+        def read():
+            try:
+                while True:
+                    output = outputs.get()
+                    yield output
+                    if output.finish_reason is not None:
+                        return
+            finally:
+                sequence.cancel()
+        return read()
+
+    def close(self) -> None:
+        """Stop the thread; sequences still running or waiting end as "cancelled"."""
+        with self.wakeup:
+            self.closed = True
+            self.wakeup.notify()
+        self.thread.join()
+
     def run(self) -> None:
         while True:
             with self.wakeup:
-                while not self.inbox and not self.engine.has_work():
+                while not self.inbox and not self.engine.has_work() and not self.closed:
                     self.wakeup.wait()
                 submitted = [sequence for sequences in self.inbox for sequence in sequences]
                 self.inbox, self.inbox_size = [], 0
+            if self.closed:
+                self.cancel_all(submitted)
+                return
             outputs = []
             for sequence in submitted:
                 try:
@@ -683,6 +763,13 @@ class EngineLoop:
                 outputs += self.fail_all(error)
             for output in outputs:
                 output.sequence.on_output(output)
+
+    def cancel_all(self, submitted: list[Sequence]) -> None:
+        engine = self.engine
+        for sequence in submitted + list(engine.rows) + list(engine.waiting):
+            sequence.finish_reason = "cancelled"
+            sequence.on_output(StepOutput(sequence, None, "", finish_reason="cancelled"))
+        engine.rows, engine.waiting = [], deque()
 
     def fail_all(self, error: Exception) -> list[StepOutput]:
         engine = self.engine

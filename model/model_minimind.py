@@ -123,6 +123,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the same formula as below, as one fused kernel: fewer passes over x when decoding
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.type_as(x)
@@ -309,6 +312,12 @@ class Attention(nn.Module):
             # the flash kernel shares each kv head among its query heads itself, without a copy
             is_causal = seq > 1 and k.shape[2] == seq
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal, enable_gqa=True)
+        elif seq == 1 and n_rep > 1:
+            # Decoding, one query per row: the n_rep query heads that share a kv head become n_rep
+            # queries of that head, so the cached keys and values are read in place, not copied
+            grouped = q.reshape(batch, self.num_kv_heads, n_rep, self.head_dim)
+            out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, dropout_p=dropout)
+            out = out.reshape(batch, self.num_heads, 1, self.head_dim)
         else:
             # Elsewhere enable_gqa would leave only the O(T²)-memory math kernel (fp32, GPUs before
             # sm80, explicit masks); with copied kv heads the memory-efficient kernel can run.

@@ -7,24 +7,31 @@
 The sidebar lists every checkpoint found: {stage}_{hidden}{_moe}.pth files in the out folder,
 LoRA adapters in its lora/ subfolder (on top of the full_sft weights of the same size) and
 transformers model folders (a config.json next to the weights). The chosen model is loaded once
-and kept for all sessions (st.cache_resource). Replies stream; a reasoning model's
-<think>…</think> text goes into a collapsible block above the answer.
+and kept for all sessions (st.cache_resource), with one generation engine running on its own
+thread (model/engine.py's EngineLoop): every reply of every browser session is a row of that
+engine, so replies being written at the same time are decoded together in one batch
+(--max_batch_size rows, each up to --context_length tokens of conversation and reply).
+Replies stream; a reasoning model's <think>…</think> text goes into a collapsible block above
+the answer.
 """
 import argparse
 import os
 import random
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import streamlit as st
+import torch
 
 from model.checkpoint import STAGE_OF_MODEL_MODE
-from model.inference import (Generation, ModelLoadError, ReasoningSplitter, build_prompt_ids, count_parameters,
-                             default_device, load_model, model_args, sizes_of_checkpoint, trim_history)
+from model.engine import Engine, EngineLoop, QueueFull, SamplingParams
+from model.inference import (ModelLoadError, ReasoningSplitter, build_prompt_ids, count_parameters, default_device,
+                             load_model, model_args, sizes_of_checkpoint, trim_history)
 
 MODE_OF_STAGE = {stage: mode for mode, stage in STAGE_OF_MODEL_MODE.items()}
 WEIGHTS_NAME = re.compile(r"^(?P<stage>" + "|".join(MODE_OF_STAGE) + r")_(?P<hidden>\d+)(?P<moe>_moe)?\.pth$")
@@ -40,6 +47,9 @@ def parse_args():
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: model/)")
     parser.add_argument("--max_new_tokens", type=int, default=1024, help="the sidebar's initial reply length")
+    parser.add_argument("--context_length", type=int, default=2048,
+                        help="conversation + reply tokens per reply (the engine's cache is sized for it)")
+    parser.add_argument("--max_batch_size", type=int, default=4, help="replies (sessions) decoded together")
     return parser.parse_known_args(sys.argv[1:])[0]
 
 
@@ -69,16 +79,31 @@ def find_models(out_dir: str, hf_paths: list[str]) -> dict[str, dict]:
     return found
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
-def load_cached(kind: str, path: str, mode: int, lora_name: str | None, device: str, tokenizer_path: str | None):
-    """Loaded once per model and shared by every browser session."""
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    engine_loop: EngineLoop  # decodes the replies of every session, in one batch
+
+
+def close_engine(loaded: LoadedModel) -> None:
+    """When Streamlit drops a model from its cache, stop its engine thread too."""
+    loaded.engine_loop.close()
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2, on_release=close_engine)
+def load_cached(kind: str, path: str, mode: int, lora_name: str | None, device: str, tokenizer_path: str | None,
+                context_length: int, max_batch_size: int) -> LoadedModel:
+    """Loaded once per model and shared by every browser session, with its engine."""
     if kind == "hf":
         args = model_args(load=1, hf_path=path, device=device, tokenizer_path=tokenizer_path)
     else:
         sizes = sizes_of_checkpoint(path)  # the size flags are read off the file itself
         args = model_args(load=0, out_dir=str(Path(path).parent), model_mode=mode, lora_name=lora_name,
                           device=device, tokenizer_path=tokenizer_path, **sizes)
-    return load_model(args)
+    model, tokenizer = load_model(args)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=context_length)
+    return LoadedModel(model, tokenizer, EngineLoop(engine))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,11 +114,12 @@ def sidebar(models: dict, args) -> dict:
     with st.sidebar:
         st.title("MiniMind")
         label = st.selectbox("Model", list(models), key="model")
+        longest_reply = max(16, args.context_length)  # what the engine's cache can hold
         settings = {
             "label": label,
             "temperature": st.slider("Temperature (0 = greedy)", 0.0, 1.5, 0.85, 0.05, key="temperature"),
             "top_p": st.slider("Top-p", 0.0, 1.0, 0.85, 0.05, key="top_p"),
-            "max_new_tokens": st.slider("Max new tokens", 16, max(4096, args.max_new_tokens), args.max_new_tokens,
+            "max_new_tokens": st.slider("Max new tokens", 16, longest_reply, min(args.max_new_tokens, longest_reply),
                                         16, key="max_new_tokens"),
             "history_cnt": st.slider("History turns kept", 0, 10, 2, key="history_cnt"),
         }
@@ -110,12 +136,25 @@ def show_message(message: dict) -> None:
         st.markdown(message["content"])
 
 
-def stream_reply(model, tokenizer, messages: list[dict], settings: dict, raw: bool) -> dict:
+def reply_deltas(loaded: LoadedModel, prompt_ids: list[int], settings: dict):
+    """The reply's text as it comes, from the shared engine. If the page stops reading (the
+    user sent another message or left), closing this generator cancels the reply's row."""
+    params = SamplingParams(max_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                            top_p=settings["top_p"], seed=random.randint(0, 2**31 - 1))
+    outputs = loaded.engine_loop.stream(prompt_ids, params)
+    try:
+        for output in outputs:
+            if output.finish_reason == "error":
+                raise output.sequence.error
+            if output.text:
+                yield output.text
+    finally:
+        outputs.close()
+
+
+def stream_reply(loaded: LoadedModel, messages: list[dict], settings: dict, raw: bool) -> dict:
     """Generate the assistant's reply into the page as it comes; returns the finished message."""
-    prompt_ids = build_prompt_ids(tokenizer, trim_history(messages, settings["history_cnt"]), raw=raw)
-    generation = Generation(model, tokenizer, prompt_ids, max_new_tokens=settings["max_new_tokens"],
-                            temperature=settings["temperature"], top_p=settings["top_p"],
-                            seed=random.randint(0, 2**31 - 1))
+    prompt_ids = build_prompt_ids(loaded.tokenizer, trim_history(messages, settings["history_cnt"]), raw=raw)
     reasoning_area, answer_area = st.empty(), st.empty()
     reasoning_text = None
     parts = {"reasoning": "", "content": ""}
@@ -132,8 +171,11 @@ def stream_reply(model, tokenizer, messages: list[dict], settings: dict, raw: bo
             else:
                 answer_area.markdown(parts["content"] + cursor)
 
-    for delta in generation:
-        show(splitter.feed(delta), cursor=" ▌")
+    try:
+        for delta in reply_deltas(loaded, prompt_ids, settings):
+            show(splitter.feed(delta), cursor=" ▌")
+    except (ValueError, QueueFull) as e:  # a conversation longer than the context; too many sessions
+        st.error(f"{e}. Clear the chat, keep fewer history turns or wait a moment.")
     show(splitter.flush(), cursor="")
     answer_area.markdown(parts["content"])
     if reasoning_text is not None:
@@ -152,12 +194,12 @@ def main():
     settings = sidebar(models, args)
     choice = models[settings["label"]]
     try:
-        model, tokenizer = load_cached(choice["kind"], choice["path"], choice["mode"], choice.get("lora_name"),
-                                       args.device, args.tokenizer_path)
+        loaded = load_cached(choice["kind"], choice["path"], choice["mode"], choice.get("lora_name"),
+                             args.device, args.tokenizer_path, args.context_length, args.max_batch_size)
     except ModelLoadError as e:
         st.error(str(e))
         st.stop()
-    st.caption(f"{settings['label']} · {count_parameters(model) / 1e6:.1f} M parameters · {args.device}")
+    st.caption(f"{settings['label']} · {count_parameters(loaded.model) / 1e6:.1f} M parameters · {args.device}")
 
     st.session_state.setdefault("messages", [])
     for message in st.session_state.messages:
@@ -170,7 +212,7 @@ def main():
         st.session_state.messages.append(user_message)
         history = [{"role": m["role"], "content": m["content"]} for m in st.session_state.messages]
         with st.chat_message("assistant"):
-            reply = stream_reply(model, tokenizer, history, settings, raw=choice["mode"] == 0)
+            reply = stream_reply(loaded, history, settings, raw=choice["mode"] == 0)
         st.session_state.messages.append(reply)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.checkpoint import config_from_sizes
-from model.engine import Engine, SamplingParams
+from model.engine import Engine, EngineLoop, SamplingParams, sample_rows, top_alternatives
 from model.inference import build_prompt_ids, load_tokenizer
 from model.model_minimind import MiniMindForCausalLM
 
@@ -98,6 +98,102 @@ def test_sampling_is_reproducible_per_seed_whatever_the_batch(model, tokenizer, 
     assert rows[1].output_ids == alone
     others = {tuple(solo(model, tokenizer, prompts[1], sampled(s)).output_ids) for s in (8, 9, 10)}
     assert len(others | {tuple(alone)}) > 1  # the seed matters
+
+
+def test_nucleus_sampling_follows_its_definition():
+    """probs 0.5, 0.3, 0.15, 0.05 with top_p 0.7: the tokens ranked above token 2 already cover
+    0.8 > 0.7, so the nucleus is {0, 1} (mass 0.8, not renormalised: u picks within 0.8)."""
+    logits = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log()  # token ids 1, 3, 0, 2 by rank
+    def draw(u, top_p=0.7):
+        return int(sample_rows(logits, torch.tensor([1.0]), torch.tensor([top_p]), torch.tensor([u], dtype=torch.float64)))
+    assert [draw(u) for u in (0.0, 0.62, 0.63, 0.99, 1 - 1e-16)] == [1, 1, 3, 3, 3]  # 0.5 / 0.8 = 0.625
+    # top_p 1: the whole distribution in vocabulary order, cut points 0.15, 0.65, 0.7
+    assert [draw(u, 1.0) for u in (0.1, 0.2, 0.64, 0.66, 0.71, 0.999)] == [0, 1, 1, 2, 3, 3]
+
+
+def test_batched_sampling_equals_each_row_alone_and_the_right_distribution():
+    generator = torch.Generator().manual_seed(0)
+    rows = 64
+    logits = torch.randn(rows, 300, generator=generator) * 3
+    temperature = torch.rand(rows, generator=generator) + 0.3
+    top_p = torch.where(torch.arange(rows) % 3 == 0, 1.0, torch.rand(rows, generator=generator))
+    uniforms = torch.rand(rows, generator=generator, dtype=torch.float64)
+    batched = sample_rows(logits, temperature, top_p, uniforms)
+    alone = [int(sample_rows(logits[i:i + 1], temperature[i:i + 1], top_p[i:i + 1], uniforms[i:i + 1]))
+             for i in range(rows)]
+    assert batched.tolist() == alone
+    # one distribution drawn 20000 times: the frequencies are softmax(logits / T) cut to the nucleus
+    draws = 20000
+    row_logits = logits[:1].expand(draws, -1)
+    picked = sample_rows(row_logits, torch.full((draws,), 0.7), torch.full((draws,), 0.8),
+                         torch.rand(draws, generator=generator, dtype=torch.float64))
+    probs = torch.softmax(logits[0] / 0.7, dim=-1)
+    ranked, order = probs.sort(descending=True)
+    nucleus = order[(ranked.cumsum(0) - ranked) <= 0.8]
+    expected = torch.zeros_like(probs)
+    expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    frequencies = torch.bincount(picked, minlength=probs.numel()).double() / draws
+    assert set(picked.unique().tolist()) <= set(nucleus.tolist())
+    assert (frequencies - expected).abs().max() < 0.015
+
+
+def test_mixed_rows_in_one_batch_each_get_their_solo_reply(model, tokenizer, prompts):
+    """Greedy, sampled with and without top-p, penalties and per-row top_logprobs side by side:
+    each row decodes exactly as it does alone."""
+    params = [greedy(16, repetition_penalty=1.3),
+              SamplingParams(max_tokens=16, temperature=0.9, top_p=0.8, seed=11, stop_token_ids=(),
+                             presence_penalty=0.4, logprobs=True, top_logprobs=2),
+              SamplingParams(max_tokens=16, temperature=1.2, seed=5, stop_token_ids=(), frequency_penalty=0.7),
+              SamplingParams(max_tokens=16, temperature=0.6, top_p=0.95, seed=2, stop_token_ids=(),
+                             logprobs=True, top_logprobs=4)]
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256)
+    rows = engine.generate(prompts[:4], params)
+    for prompt, row, row_params in zip(prompts, rows, params):
+        alone = solo(model, tokenizer, prompt, SamplingParams(**vars(row_params)))
+        assert row.output_ids == alone.output_ids
+        assert row.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-5)
+        assert [[t for t, _ in top] for top in row.top_logprobs] == [[t for t, _ in top] for top in alone.top_logprobs]
+    assert [len(top) for top in rows[1].top_logprobs] == [2] * 16 and rows[0].top_logprobs == []
+    assert [len(top) for top in rows[3].top_logprobs] == [4] * 16
+
+
+def test_top_alternatives_per_row_counts():
+    logprobs = torch.tensor([[-1.0, -0.5, -3.0], [-2.0, -0.1, -0.2]])
+    assert top_alternatives(logprobs, [2, 0]) == [[(1, -0.5), (0, -1.0)], []]
+    assert top_alternatives(logprobs, 1) == [[(1, -0.5)], [(1, pytest.approx(-0.1))]]
+
+
+def test_engine_loop_stream_and_close(model, tokenizer, prompts):
+    """Two readers on their own threads share one loop (one batch); closing a reader early
+    cancels its row; close() ends what is left as cancelled and refuses new work."""
+    import threading
+
+    loop = EngineLoop(Engine(model, tokenizer, max_batch_size=2, max_seq_len=256))
+    busiest = []
+    step = loop.engine.step
+    loop.engine.step = lambda: (busiest.append(len(loop.engine.rows)), step())[1]
+    replies = {}
+
+    def read(i):
+        replies[i] = [o.token_id for o in loop.stream(prompts[i], greedy(20)) if o.token_id is not None]
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in (0, 1):
+        assert replies[i] == solo(model, tokenizer, prompts[i], greedy(20)).output_ids
+    assert max(busiest) == 2  # the two replies were rows of one batch
+    outputs = loop.stream(prompts[2], greedy(200))
+    sequence = next(outputs).sequence
+    outputs.close()
+    waiting = loop.stream(prompts[3], greedy(200))
+    loop.close()
+    assert sequence.finish_reason == "cancelled" and len(sequence.output_ids) < 200
+    assert [o.finish_reason for o in waiting][-1] == "cancelled"
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.stream(prompts[0], greedy(5))
 
 
 def test_stops_and_cancellation_free_slots_and_leave_other_rows_intact(model, tokenizer, prompts):

@@ -92,6 +92,39 @@ def test_app_chat_turn_and_clear(out_dir, monkeypatch):
     assert len(app.chat_message) == 0
 
 
+def test_one_engine_serves_every_reply_of_every_session(out_dir, monkeypatch):
+    """The model's engine is built once with the model and shared: two browser sessions and a
+    second turn in one of them add rows to the same engine (its loop batches concurrent ones)."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    import model.engine as engine_module
+
+    built = []
+
+    class CountedEngine(engine_module.Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(engine_module, "Engine", CountedEngine)
+    st.cache_resource.clear()  # a model loaded by another test would hide the construction
+    monkeypatch.setattr(sys, "argv", [str(WEB_DEMO), *demo_args(out_dir)])
+    sessions = [AppTest.from_file(str(WEB_DEMO), default_timeout=120) for _ in range(2)]
+    questions = ["你好", "为什么天空是蓝色的？"]
+    for app, question in zip(sessions, questions):
+        app.run()
+        app.slider(key="temperature").set_value(0.0)
+        app.chat_input[0].set_value(question).run()
+        assert not app.exception and not app.error
+        assert app.chat_message[1].markdown[0].value == expected_reply(out_dir, question)
+    sessions[0].chat_input[0].set_value("再见").run()
+    assert not sessions[0].exception and len(sessions[0].chat_message) == 4
+    assert len(built) == 1
+    assert built[0].rows == [] and not built[0].waiting  # every reply ended and left its slot
+    st.cache_resource.clear()  # stops the engine thread
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
