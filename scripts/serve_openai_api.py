@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -339,6 +340,31 @@ class TokenTexts:
 # The bridge between the engine thread and the event loop
 # ----------------------------------------------------------------------------------------------
 
+class OutputRelay:
+    """Carries StepOutputs from the engine thread to the requests' queues on the event loop.
+
+    Waking the event loop is a system call and a thread switch: the outputs a step produces
+    for all its rows are collected and delivered by one wake-up, not one per row."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: list[tuple[asyncio.Queue, StepOutput]] = []
+        self.lock = threading.Lock()
+
+    def send(self, queue: asyncio.Queue, output: StepOutput) -> None:  # on the engine thread
+        with self.lock:
+            self.pending.append((queue, output))
+            wake = len(self.pending) == 1  # else a wake-up is already on its way
+        if wake:
+            self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self) -> None:  # on the event loop
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, output in pending:
+            queue.put_nowait(output)
+
+
 class Server:
     """Owns the engine loop and the tokenizer; one per app."""
 
@@ -346,6 +372,12 @@ class Server:
         self.engine_loop, self.tokenizer, self.settings = engine_loop, tokenizer, settings
         self.raw_prompts = settings.model_mode == 0  # the pretrain model continues text instead of chatting
         self.tokens = TokenTexts(tokenizer)
+        self.relay: OutputRelay | None = None  # made on the event loop, at the first request
+
+    def relay_to(self, loop: asyncio.AbstractEventLoop) -> OutputRelay:
+        if self.relay is None or self.relay.loop is not loop:
+            self.relay = OutputRelay(loop)
+        return self.relay
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         ids = build_prompt_ids(self.tokenizer, messages, self.raw_prompts)
@@ -371,14 +403,14 @@ class Server:
 
     def start(self, prompt_ids: list[int], request: GenerationRequest, queue: asyncio.Queue, replies: list):
         """Queue n replies to one prompt; their outputs arrive on `queue`. Raises 429 when full."""
-        loop = asyncio.get_running_loop()
+        relay = self.relay_to(asyncio.get_running_loop())
         params = replies_params(request)
 
         def on_output(output: StepOutput):  # runs on the engine thread
             if output.finish_reason is not None:
                 log_reply(output)  # here, not in the request: a client that left reads nothing more
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, output)
+                relay.send(queue, output)
             except RuntimeError:  # the event loop is gone (server shutting down)
                 output.sequence.cancel()
 
@@ -389,19 +421,29 @@ class Server:
                            kind="rate_limit_error") from e
 
 
-async def outputs_until_done(queue: asyncio.Queue, replies: list):
-    """Yield StepOutputs until every reply has finished; cancel them all if the consumer leaves
-    (a client that disconnects closes the response, which closes this generator)."""
+async def output_batches(queue: asyncio.Queue, replies: list):
+    """Yield lists of StepOutputs, all that have arrived, until every reply has finished (a
+    stream then sends what a client has not read yet in one write, not one per token); cancel
+    them all if the consumer leaves (a client that disconnects closes the response, which
+    closes this generator)."""
     try:
         unfinished = len(replies)
         while unfinished:
-            output = await queue.get()
-            if output.finish_reason is not None:
-                unfinished -= 1
-            yield output
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            unfinished -= sum(output.finish_reason is not None for output in batch)
+            yield batch
     finally:
         for sequence in replies:
             sequence.cancel()
+
+
+async def outputs_until_done(queue: asyncio.Queue, replies: list):
+    """output_batches, one StepOutput at a time."""
+    async for batch in output_batches(queue, replies):
+        for output in batch:
+            yield output
 
 
 def log_reply(output: StepOutput) -> None:
@@ -476,20 +518,24 @@ async def chat_stream(server: Server, queue, replies, request_id: str, model_nam
     index_of = {sequence: i for i, sequence in enumerate(replies)}
     for i in range(len(replies)):
         yield chunk(i, {"role": "assistant", "content": ""})
-    async for output in outputs_until_done(queue, replies):
-        if output.finish_reason == "error":
-            yield sse(engine_error(output).body())
-            return
-        index = index_of[output.sequence]
-        pieces, entries = choices[output.sequence].add(output, server.tokens)
-        logprobs = {"content": entries, "refusal": None} if entries else None
-        for n, (kind, text) in enumerate(pieces):
-            field_name = "reasoning_content" if kind == "reasoning" else "content"
-            yield chunk(index, {field_name: text}, logprobs=logprobs if n == 0 else None)
-        if entries and not pieces:
-            yield chunk(index, {"content": ""}, logprobs=logprobs)
-        if output.finish_reason is not None:
-            yield chunk(index, {}, output.finish_reason)
+    async for batch in output_batches(queue, replies):
+        events = []  # sent in one write
+        for output in batch:
+            if output.finish_reason == "error":
+                yield "".join(events) + sse(engine_error(output).body())
+                return
+            index = index_of[output.sequence]
+            pieces, entries = choices[output.sequence].add(output, server.tokens)
+            logprobs = {"content": entries, "refusal": None} if entries else None
+            for n, (kind, text) in enumerate(pieces):
+                field_name = "reasoning_content" if kind == "reasoning" else "content"
+                events.append(chunk(index, {field_name: text}, logprobs=logprobs if n == 0 else None))
+            if entries and not pieces:
+                events.append(chunk(index, {"content": ""}, logprobs=logprobs))
+            if output.finish_reason is not None:
+                events.append(chunk(index, {}, output.finish_reason))
+        if events:
+            yield "".join(events)
     if request.include_usage:
         yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
                    "system_fingerprint": None, "choices": [], "usage": usage(prompt_tokens, replies)})
@@ -570,16 +616,20 @@ class CompletionChoice:
 async def completion_stream(queue, replies, choices, request_id, model_name, prompt_tokens, request):
     created = int(time.time())
     index_of = {sequence: i for i, sequence in enumerate(replies)}
-    async for output in outputs_until_done(queue, replies):
-        if output.finish_reason == "error":
-            yield sse(engine_error(output).body())
-            return
-        choice = choices[output.sequence]
-        logprobs = choice.add(output)
-        if output.text or logprobs or output.finish_reason:
-            yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model_name,
-                       "choices": [{"index": index_of[output.sequence], "text": output.text, "logprobs": logprobs,
-                                    "finish_reason": output.finish_reason}]})
+    async for batch in output_batches(queue, replies):
+        events = []  # sent in one write
+        for output in batch:
+            if output.finish_reason == "error":
+                yield "".join(events) + sse(engine_error(output).body())
+                return
+            logprobs = choices[output.sequence].add(output)
+            if output.text or logprobs or output.finish_reason:
+                events.append(sse({"id": request_id, "object": "text_completion", "created": created,
+                                   "model": model_name,
+                                   "choices": [{"index": index_of[output.sequence], "text": output.text,
+                                                "logprobs": logprobs, "finish_reason": output.finish_reason}]}))
+        if events:
+            yield "".join(events)
     if request.include_usage:
         yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model_name,
                    "choices": [], "usage": usage(prompt_tokens, replies)})

@@ -452,3 +452,31 @@ def test_an_engine_error_ends_a_stream_with_an_error_event(local):
     # the engine goes on serving
     engine.decode = real_decode
     assert asyncio.run(stream())[-1] == "data: [DONE]"
+
+
+def test_a_step_s_outputs_reach_the_event_loop_in_one_wake_up_and_one_batch():
+    """The engine thread's outputs of one step (several requests' rows) wake the event loop once;
+    what has arrived when a stream looks is taken as one batch (one write), in order."""
+    import asyncio
+    import threading
+
+    from model.engine import Sequence, StepOutput
+    from scripts.serve_openai_api import OutputRelay, output_batches
+
+    first, second = Sequence([1], SamplingParams()), Sequence([1, 2], SamplingParams())
+    outputs = [StepOutput(first, 5, "a"), StepOutput(second, 6, "b"),
+               StepOutput(first, 7, "c", finish_reason="stop"), StepOutput(second, None, "", finish_reason="length")]
+
+    async def scenario():
+        queue, relay, wake_ups = asyncio.Queue(), OutputRelay(asyncio.get_running_loop()), []
+        deliver = relay.deliver
+        relay.deliver = lambda: (wake_ups.append(1), deliver())
+        engine_thread = threading.Thread(target=lambda: [relay.send(queue, output) for output in outputs])
+        engine_thread.start()
+        engine_thread.join()  # the loop is busy meanwhile, as it is while a step's outputs arrive
+        batches = [batch async for batch in output_batches(queue, [first, second])]
+        return wake_ups, batches
+
+    wake_ups, batches = asyncio.run(scenario())
+    assert wake_ups == [1] and batches == [outputs]
+    assert first.cancelled and second.cancelled  # the generator's end releases the replies (a no-op here)
