@@ -48,20 +48,14 @@ class SlotKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.slots, self.max_seq_len = slots, max_seq_len
 
-    def write(self, layer: int, first_slot: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              start: int | None = None):
-        """Store k, v (rows, kv_heads, T, head_dim) of slots first_slot.. at positions (rows, T).
-        `start`: one row whose positions run start, start+1, ...: a plain slice copy, the
-        cheapest write there is."""
-        rows, length = positions.shape
-        if start is not None:
-            self.keys[layer][first_slot, :, start:start + length] = k[0]
-            self.values[layer][first_slot, :, start:start + length] = v[0]
-            return
-        slot_index = torch.arange(first_slot, first_slot + rows, device=positions.device)[:, None]
-        # advanced indices on dims 0 and 2 put (rows, T) first: the (kv_heads, head_dim) part follows
-        self.keys[layer][slot_index, :, positions] = k.transpose(1, 2)
-        self.values[layer][slot_index, :, positions] = v.transpose(1, 2)
+    def write(self, layer: int, index: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (rows, kv_heads, T, head_dim) at buffer[index] (see CacheView.index)."""
+        if isinstance(index[0], int):  # one slot: the row itself
+            k, v = k[0], v[0]
+        else:  # advanced indices on dims 0 and 2 put (rows, T) first: the (kv_heads, head_dim) part follows
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        self.keys[layer][index] = k
+        self.values[layer][index] = v
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
         for buffers in (self.keys, self.values):
@@ -79,12 +73,20 @@ class CacheView:
     def __init__(self, cache: SlotKVCache, first_slot: int, positions: torch.Tensor, key_len: int,
                  static: bool = False):
         self.cache, self.first_slot, self.positions, self.key_len = cache, first_slot, positions, key_len
-        # One row: its first position read once per forward, not once per layer. A captured
-        # step (static) must not read a tensor's value on the host, so it never takes this path.
-        self.start = int(positions[0, 0]) if positions.shape[0] == 1 and not static else None
+        # Where this pass's keys go, worked out once per forward, not once per layer: one row's
+        # run of positions is a plain slice (the cheapest write there is), several rows are an
+        # index of (slot, position) pairs. A captured step (static) must not read a tensor's
+        # value on the host, so it always takes the index.
+        rows, length = positions.shape
+        if rows == 1 and not static:
+            start = int(positions[0, 0])
+            self.index = (first_slot, slice(None), slice(start, start + length))
+        else:
+            slot_index = torch.arange(first_slot, first_slot + rows, device=positions.device)[:, None]
+            self.index = (slot_index, slice(None), positions)
 
     def update(self, k, v, layer_idx, cache_kwargs=None):
-        self.cache.write(layer_idx, self.first_slot, self.positions, k, v, self.start)
+        self.cache.write(layer_idx, self.index, k, v)
         rows = slice(self.first_slot, self.first_slot + self.positions.shape[0])
         return self.cache.keys[layer_idx][rows, :, :self.key_len], self.cache.values[layer_idx][rows, :, :self.key_len]
 
