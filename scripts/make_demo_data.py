@@ -347,6 +347,101 @@ def make_tokenizer_train(rng, n, pretrain, sft):
     return [{"text": t} for t in texts]
 
 
+# ------------------------------------------------------------------ held-out evaluation sets
+# Read by scripts/eval_bench.py (its default data). The facts are the demo facts (a model cannot
+# know facts it never saw), asked in wordings and combinations that no training file contains:
+# make_eval_sets checks that against every training line and stops if one leaks.
+
+EVAL_FACTS = [  # (held-out question zh, choices zh (right one first), question en, choices en)
+    ("一个星期一共有几天？", ["七天", "五天", "十天", "三天"], "How many days does one week have?", ["seven", "five", "ten", "three"]),
+    ("一年一共有几个月？", ["十二个月", "十个月", "六个月", "二十个月"], "How many months does one year have?", ["twelve", "ten", "six", "twenty"]),
+    ("一整天一共有几个小时？", ["二十四小时", "十二小时", "十小时", "六十小时"], "How many hours does one whole day have?", ["twenty-four", "twelve", "ten", "sixty"]),
+    ("世界上面积最大的海洋叫什么？", ["太平洋", "大西洋", "印度洋", "北冰洋"], "Which ocean is the biggest one?", ["the Pacific", "the Atlantic", "the Indian", "the Arctic"]),
+    ("太阳每天早上从哪个方向出来？", ["东方", "西方", "南方", "北方"], "In which direction does the sun come up?", ["east", "west", "south", "north"]),
+    ("中国长度最长的河流叫什么？", ["长江", "黄河", "珠江", "淮河"], "Which river is the longest one in China?", ["the Yangtze", "the Nile", "the Thames", "the Rhine"]),
+]
+
+
+def choice_row(rng, question, choices, subject):
+    """Choices shuffled; the right one (given first) is recorded by its new index."""
+    order = list(range(len(choices)))
+    rng.shuffle(order)
+    return {"question": question, "choices": [choices[i] for i in order], "answer": order.index(0), "subject": subject}
+
+
+def other_values(rng, values, right, k=3):
+    return rng.sample([v for v in values if v != right], k)
+
+
+def make_eval_mc(rng):
+    """Bilingual multiple choice, scored as continuations (the choice text follows the question
+    directly; English choices carry their leading space)."""
+    rows = []
+    capitals_zh, capitals_en = [row[1] for row in CAPITALS], [row[3] for row in CAPITALS]
+    for c, cap, c_en, cap_en in CAPITALS:
+        rows.append(choice_row(rng, f"问：{c}的首都是哪座城市？答：", [cap] + other_values(rng, capitals_zh, cap), "capitals_zh"))
+        rows.append(choice_row(rng, f"Q: Which city is the capital city of {c_en}? A:",
+                               [" " + x for x in [cap_en] + other_values(rng, capitals_en, cap_en)], "capitals_en"))
+    colours_zh, colours_en = [row[1] for row in COLOURS], [row[3] for row in COLOURS]
+    for t, col, t_en, col_en in COLOURS:
+        rows.append(choice_row(rng, f"问：{t}通常是什么颜色？答：", [col] + other_values(rng, colours_zh, col), "colours_zh"))
+        rows.append(choice_row(rng, f"Q: What color is {t_en} usually? A:",
+                               [" " + x for x in [col_en] + other_values(rng, colours_en, col_en)], "colours_en"))
+    for q_zh, choices_zh, q_en, choices_en in EVAL_FACTS:
+        rows.append(choice_row(rng, f"问：{q_zh}答：", choices_zh, "facts_zh"))
+        rows.append(choice_row(rng, f"Q: {q_en} A:", [" " + x for x in choices_en], "facts_en"))
+    return rows
+
+
+def make_eval_gen(rng, training_text, n=60):
+    """Sums and differences in the SFT wordings, and apple word problems in the reasoning
+    wording, whose exact question no training file contains."""
+    rows, seen = [], set()
+    names = ["小明", "小红", "小华"]
+    while len(rows) < n:
+        if len(rows) % 3 == 2:
+            name, a, b = rng.choice(names), rng.randint(2, 9), rng.randint(2, 9)
+            question, answer = f"{name}有{a}个苹果，妈妈又给了他{b}个，{name}现在有几个苹果？", a + b
+        else:
+            question, text_answer = arithmetic_pair(rng, english=rng.random() < 0.25)
+            answer = int(text_answer.rstrip("。.").split("等于")[-1].split(" equals ")[-1])
+        if question in seen or question in training_text:
+            continue
+        seen.add(question)
+        rows.append({"question": question, "answer": str(answer)})
+    return rows
+
+
+def make_eval_text(rng, training_lines, n=200):
+    """Documents made like pretrain.jsonl's (3-8 fact sentences and sums), none identical to a
+    training line."""
+    rows = []
+    while len(rows) < n:
+        row = make_pretrain(rng, 1)[0]
+        if row["text"] not in training_lines:
+            rows.append(row)
+    return rows
+
+
+def check_held_out(eval_rows, training_text):
+    leaked = [row["question"] for row in eval_rows
+              if row["question"].removeprefix("问：").removesuffix("答：") in training_text]
+    if leaked:
+        raise SystemExit(f"evaluation questions found in the training data: {leaked[:3]}")
+
+
+def make_eval_sets(out, seed, training_files):
+    """eval_mc.jsonl, eval_gen.jsonl, eval_text.jsonl, from their own random stream (the training
+    files do not change when these do)."""
+    rng = random.Random(seed + 18)
+    training_text = "\n".join(json.dumps(row, ensure_ascii=False) for rows in training_files for row in rows)
+    mc = make_eval_mc(rng)
+    check_held_out(mc, training_text)
+    write_jsonl(out / "eval_mc.jsonl", mc)
+    write_jsonl(out / "eval_gen.jsonl", make_eval_gen(rng, training_text))
+    write_jsonl(out / "eval_text.jsonl", make_eval_text(rng, {row["text"] for row in training_files[0]}))
+
+
 def display_path(path: Path) -> str:
     """Repo-relative inside the repository, as given elsewhere (--out_dir may point anywhere)."""
     return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
@@ -372,11 +467,14 @@ def main():
     sft = make_sft(rng, 2000)
     write_jsonl(out / "pretrain.jsonl", pretrain)
     write_jsonl(out / "sft.jsonl", sft)
-    write_jsonl(out / "dpo.jsonl", make_dpo(rng, 400))
-    write_jsonl(out / "lora_identity.jsonl", make_lora_identity(rng, 300))
-    write_jsonl(out / "lora_medical.jsonl", make_lora_medical(rng, 300))
-    write_jsonl(out / "r1_mix.jsonl", make_r1_mix(rng, 400))
+    dpo, lora_identity, lora_medical = make_dpo(rng, 400), make_lora_identity(rng, 300), make_lora_medical(rng, 300)
+    r1_mix = make_r1_mix(rng, 400)
+    write_jsonl(out / "dpo.jsonl", dpo)
+    write_jsonl(out / "lora_identity.jsonl", lora_identity)
+    write_jsonl(out / "lora_medical.jsonl", lora_medical)
+    write_jsonl(out / "r1_mix.jsonl", r1_mix)
     write_jsonl(out / "tokenizer_train.jsonl", make_tokenizer_train(rng, 1000, pretrain, sft))
+    make_eval_sets(out, args.seed, [pretrain, sft, dpo, lora_identity, lora_medical, r1_mix])
 
 
 if __name__ == "__main__":
