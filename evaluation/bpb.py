@@ -14,7 +14,9 @@ document is cut into independent windows without skipping a prediction).
 import math
 from dataclasses import asdict, dataclass
 
-from evaluation.scoring import continuation_logprob, token_logprobs
+from tqdm import tqdm
+
+from evaluation.scoring import batch_logprobs, continuation_logprob, length_batches
 
 
 @dataclass
@@ -60,14 +62,17 @@ def text_windows(tokenizer, texts: list[str], max_seq_len: int) -> tuple[list[li
     return windows, total_bytes, documents
 
 
+def batch_nats(model, windows: list[list[int]]) -> float:
+    """Summed -log-likelihood of every window's tokens after its first, in one forward pass."""
+    logprobs = batch_logprobs(model, [window[:-1] for window in windows])
+    # row r of logprobs (computed on window[:-1]) predicts window[1:]
+    return -sum(continuation_logprob(logprobs[row, :len(w) - 1], w, 1)[0] for row, w in enumerate(windows))
+
+
 def windows_nats(model, windows: list[list[int]], batch_tokens: int = 8192, progress: str | None = None) -> float:
-    """Summed -log-likelihood of every window's tokens after its first."""
-    inputs = [window[:-1] for window in windows]
-    nats = 0.0
-    for index, logprobs in token_logprobs(model, inputs, batch_tokens, progress):
-        # the rows of logprobs (computed on window[:-1]) predict window[1:]
-        nats -= continuation_logprob(logprobs, windows[index], 1)[0]
-    return nats
+    batches = length_batches([len(w) - 1 for w in windows], batch_tokens)
+    return sum(batch_nats(model, [windows[i] for i in batch])
+               for batch in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False))
 
 
 def bits_per_byte(model, tokenizer, texts: list[str], max_seq_len: int = 512, batch_tokens: int = 8192,

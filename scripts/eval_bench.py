@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(0 = as lm-evaluation-harness scores, for identical numbers)")
     scoring.add_argument("--chat_template", type=int, default=0, choices=[0, 1],
                          help="mc: the question as a user turn and the choice as the reply")
-    scoring.add_argument("--target_delimiter", default=" ", help="mc jsonl: text between question and choice")
+    scoring.add_argument("--target_delimiter", default="",
+                         help="mc jsonl: text put between question and choice (lm-evaluation-harness puts ' '; "
+                              "the demo set's English choices carry their own space)")
     scoring.add_argument("--max_new_tokens", type=int, default=256, help="gen, judge: answer length limit")
     scoring.add_argument("--gen_batch_size", type=int, default=32, help="gen, judge: answers decoded together")
 

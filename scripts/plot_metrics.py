@@ -109,8 +109,12 @@ def plot(runs: dict[str, list[dict]], out_path: str, smooth: int = 0) -> None:
 
 
 def make_figure(runs: dict[str, list[dict]], smooth: int = 0):
-    """Loss (top) and learning rate (bottom) of every run, one colour per run."""
-    fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(11, 7), sharex=False)
+    """Loss (top) and learning rate of every run, one colour per run, and the held-out bits per
+    byte of the runs that measured it (--eval_interval)."""
+    evaluated = {label: [r for r in records if "eval_bpb" in r] for label, records in runs.items()}
+    evaluated = {label: records for label, records in evaluated.items() if records}
+    fig, axes = plt.subplots(3 if evaluated else 2, 1, figsize=(11, 10 if evaluated else 7), sharex=False)
+    loss_ax, lr_ax = axes[0], axes[1]
     for label, records in runs.items():
         finite = [r for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
         steps, losses = [r["step"] for r in finite], [r["loss"] for r in finite]
@@ -119,12 +123,17 @@ def make_figure(runs: dict[str, list[dict]], smooth: int = 0):
             loss_ax.plot(steps, moving_average(losses, smooth), color=line.get_color(), linewidth=2,
                          label=f"{label} (mean of {smooth})")
         lr_ax.plot([r["step"] for r in records], [r["lr"] for r in records], label=label)
+        if label in evaluated:
+            axes[2].plot([r["step"] for r in evaluated[label]], [r["eval_bpb"] for r in evaluated[label]], marker="o",
+                         markersize=3, color=line.get_color(), label=label)
     loss_ax.set(title="training loss", xlabel="optimizer step", ylabel="loss")
     if all(v > 0 for line in loss_ax.get_lines() for v in line.get_ydata()):
         loss_ax.set_yscale("log")  # stages' losses differ by orders of magnitude (pretrain ~8, DPO ~0.7)
     lr_ax.set(title="learning rate", xlabel="optimizer step", ylabel="lr")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    for ax in (loss_ax, lr_ax):
+    if evaluated:
+        axes[2].set(title="held-out bits per byte (--eval_data)", xlabel="optimizer step", ylabel="bits per byte")
+    for ax in axes:
         ax.grid(alpha=0.3)
         # beside the plot, not on it: the curves' right ends are what a reader looks at
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)

@@ -13,13 +13,21 @@ from trainer_helpers import (BIN, TEST_ENV, TINY, dirs, free_port, max_differenc
 
 # 4 optimizer steps of 4 samples: batch 2 x accumulation 2 in one process, or batch 2 x 2 ranks
 STEPS = ["--epochs", "1", "--batch_size", "2", "--log_interval", "1", "--save_interval", "100", "--seed", "7"]
+# held-out evaluation at steps 2 and 4: shared out among the ranks, the same numbers as one process
+EVAL = ["--eval_interval", "2", "--eval_documents", "6"]
+
+
+def held_out(tmp) -> list[float]:
+    """step, eval_bpb, eval_loss of each evaluated step, one flat list"""
+    return [x for m in metrics(tmp, "pretrain_64") if "eval_bpb" in m for x in (m["step"], m["eval_bpb"], m["eval_loss"])]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
-    train("train_pretrain.py", tmp, *STEPS, "--accumulation_steps", "2", "--max_steps", "4")
-    return {"model": resume_model(tmp), "losses": [m["loss"] for m in metrics(tmp, "pretrain_64")]}
+    train("train_pretrain.py", tmp, *STEPS, *EVAL, "--accumulation_steps", "2", "--max_steps", "4")
+    return {"model": resume_model(tmp), "losses": [m["loss"] for m in metrics(tmp, "pretrain_64")],
+            "held_out": held_out(tmp)}
 
 
 def test_resume_continues_exactly(reference, tmp_path):
@@ -37,9 +45,11 @@ def test_resume_continues_exactly(reference, tmp_path):
 
 def test_torchrun_two_processes_match_one_process_with_twice_the_accumulation(reference, tmp_path):
     run([f"{BIN}/torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), script("train_pretrain.py"),
-         *TINY, *dirs(tmp_path), *STEPS, "--accumulation_steps", "1", "--max_steps", "4"], cwd=tmp_path)
+         *TINY, *dirs(tmp_path), *STEPS, *EVAL, "--accumulation_steps", "1", "--max_steps", "4"], cwd=tmp_path)
     assert max_difference(resume_model(tmp_path), reference["model"]) < 1e-5
     assert [m["loss"] for m in metrics(tmp_path, "pretrain_64")] == pytest.approx(reference["losses"], rel=1e-5)
+    assert reference["held_out"][::3] == [2, 4]
+    assert held_out(tmp_path) == pytest.approx(reference["held_out"], rel=1e-5)
 
 
 def test_two_nodes_on_loopback(reference, tmp_path):
@@ -67,7 +77,7 @@ def load_strict(path) -> MiniMindForCausalLM:
 def test_deepspeed_zero_with_two_cpu_ranks(reference, tmp_path, zero):
     """`deepspeed --num_gpus 2` on a CPU box (gloo), bf16, through deepspeed.initialize."""
     run([f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script("train_pretrain.py"),
-         *TINY, *dirs(tmp_path), *STEPS, "--accumulation_steps", "1", "--max_steps", "4",
+         *TINY, *dirs(tmp_path), *STEPS, *EVAL, "--accumulation_steps", "1", "--max_steps", "4",
          "--deepspeed", f"{script('ds_zero%d.json' % zero)}", "--dtype", "bfloat16"], cwd=tmp_path, timeout=400)
     model = load_strict(tmp_path / "out" / "pretrain_64.pth")
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -77,6 +87,8 @@ def test_deepspeed_zero_with_two_cpu_ranks(reference, tmp_path, zero):
     assert losses[-1] < losses[0]
     saved = {k: v.float() for k, v in model.state_dict().items()}
     assert max_difference(saved, reference["model"]) < 0.02
+    # every rank evaluated its share with ZeRO's sharded weights (equal forward passes, no hang)
+    assert held_out(tmp_path) == pytest.approx(reference["held_out"], abs=0.05)
 
 
 def rng_round_trip(rank: int, world_size: int, port: int, folder: str):

@@ -15,6 +15,7 @@ from model.model_minimind import MiniMindForCausalLM
 from trainer_helpers import REPO_ROOT, TINY, dirs, max_difference, metrics, resume_model, train, write_chat_data
 
 FEW_STEPS = ["--batch_size", "2", "--max_steps", "2", "--log_interval", "1"]
+EVAL_EVERY_STEP = ["--eval_interval", "1", "--eval_documents", "4"]
 
 
 def load_strict(path, hidden=64, layers=2, use_moe=False) -> MiniMindForCausalLM:
@@ -29,10 +30,11 @@ def chain(tmp_path_factory):
     """pretrain -> full_sft -> dpo -> reason, each stage starting from the previous one by default."""
     tmp = tmp_path_factory.mktemp("chain")
     logs = {
-        "pretrain": train("train_pretrain.py", tmp, *FEW_STEPS, "--use_wandb", "1",
+        "pretrain": train("train_pretrain.py", tmp, *FEW_STEPS, "--use_wandb", "1", *EVAL_EVERY_STEP,
                           env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}),
         "full_sft": train("train_full_sft.py", tmp, *FEW_STEPS, "--learning_rate", "1e-4"),
-        "rlhf": train("train_dpo.py", tmp, *FEW_STEPS, "--learning_rate", "1e-5"),
+        "rlhf": train("train_dpo.py", tmp, *FEW_STEPS, "--learning_rate", "1e-5", "--eval_interval", "2",
+                      "--eval_data", os.path.join(REPO_ROOT, "dataset", "demo", "sft.jsonl"), "--eval_documents", "3"),
         "reason": train("train_distill_reason.py", tmp, *FEW_STEPS, "--learning_rate", "1e-5"),
     }
     return tmp, logs
@@ -64,6 +66,26 @@ def test_wandb_logs_offline(chain):
     tmp, _ = chain
     runs = list((tmp / "out" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_held_out_bits_per_byte_rows_are_written(chain):
+    """--eval_interval 1: every step's record holds eval_bpb and eval_loss, and the last one is what
+    evaluation.bpb measures on the run's final weights (the exact fp32 copy in the resume state)."""
+    from evaluation.bpb import bits_per_byte
+    from evaluation.data import read_documents
+    from trainer.stage import load_tokenizer
+    tmp, logs = chain
+    records = metrics(tmp, "pretrain_64")
+    assert [("eval_bpb" in r, "eval_loss" in r) for r in records] == [(True, True)] * 2
+    model = MiniMindForCausalLM(config_from_sizes(64, 2, False))
+    model.load_state_dict(resume_model(tmp))
+    texts = read_documents(os.path.join(REPO_ROOT, "dataset", "demo", "eval_text.jsonl"))[:4]
+    direct = bits_per_byte(model.eval(), load_tokenizer(), texts, max_seq_len=128)
+    assert records[-1]["eval_bpb"] == pytest.approx(direct.bpb, rel=1e-5)
+    assert records[-1]["eval_loss"] == pytest.approx(direct.loss, rel=1e-5)
+    assert "eval_bpb:" in logs["pretrain"].stdout  # in the log line too
+    # a chat stage evaluates chat lines (rendered with the chat template) every 2nd step only
+    assert ["eval_bpb" in r for r in metrics(tmp, "rlhf_64")] == [False, True]
 
 
 def test_dpo_logs_reward_margin_and_accuracy(chain):

@@ -16,6 +16,7 @@ import torch
 from model.checkpoint import REPO_ROOT, SCRIPT_OF_STAGE
 from model.command_line import ArgumentParser, check_size_flags, default_device
 from model.model_minimind import WEIGHT_INITS
+from trainer.evaluating import add_evaluation_args
 from trainer.loss_weighting import MODES as LOSS_WEIGHTINGS
 from trainer.processes import log
 
@@ -90,6 +91,7 @@ def build_parser(description: str, **stage_defaults) -> argparse.ArgumentParser:
     run.add_argument("--debug_interrupt_at_step", type=int, default=0, help=argparse.SUPPRESS)
     # The deepspeed launcher passes --local_rank=N to every process; LOCAL_RANK in the env says the same.
     run.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    add_evaluation_args(p)
     p.set_defaults(**stage_defaults)
     return p
 
@@ -116,6 +118,10 @@ def finish_args(parser: argparse.ArgumentParser, stage: str, data_file: str, dem
                      "use --dtype bfloat16 or float32")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device here; use --device cpu")
+    if args.eval_interval < 0 or args.eval_documents < 0:
+        parser.error("--eval_interval and --eval_documents must be >= 0")
+    if args.eval_data and not os.path.isfile(args.eval_data):
+        parser.error(f"--eval_data {args.eval_data}: no such file")
     if args.deepspeed and not os.path.isfile(args.deepspeed):
         parser.error(f"--deepspeed {args.deepspeed}: no such config file")
     try:

@@ -23,9 +23,11 @@ from trainer.accelerator import TORCH_DTYPES, make_optimizer
 from trainer.checkpoints import (RunFiles, TrainingDiverged, TrainState, load_resume_state, run_files,
                                  save_checkpoint, write_run_info)
 from trainer.data_order import count_steps_per_epoch, make_loader
+from trainer.evaluating import HeldOutEvaluation
 from trainer.loss_weighting import StepLossWeighting, step_loss_weighting
 from trainer.processes import Interrupted, Runtime, StopRequest, log, seed_everything, wrap_deepspeed, wrap_model
 from trainer.reporting import Reporter, describe_parameters
+from trainer.stage import load_tokenizer
 
 MAX_BAD_STEPS_IN_A_ROW = 5  # non-finite steps tolerated in a row before the run is stopped
 
@@ -46,6 +48,7 @@ def train(args, runtime: Runtime, model: torch.nn.Module, dataset, collate_fn, l
         load_resume_state(state, files, runtime, samples_per_step)
     write_run_info(files, args, runtime)
     reporter = Reporter(args, runtime, files, state, steps_per_epoch, last_step)
+    evaluation = HeldOutEvaluation(args, load_tokenizer(), runtime) if args.eval_interval else None
     log(f"{files.name}: {describe_parameters(model)}; {len(dataset)} samples, {steps_per_epoch} steps per epoch "
         f"of {samples_per_step} samples, {args.epochs} epoch(s), {runtime.world_size} process(es), "
         f"device {runtime.device}, {args.dtype}, loss weighted by {state.weighting.mode}{reporter.mfu_reference()}")
@@ -61,7 +64,9 @@ def train(args, runtime: Runtime, model: torch.nn.Module, dataset, collate_fn, l
                 state.step += 1
                 state.samples_in_epoch += samples_per_step
                 bad_steps_in_a_row = bad_steps_in_a_row + 1 if skipped else 0
-                reporter.step(totals, lr, grad_norm, skipped, bad_steps_in_a_row, MAX_BAD_STEPS_IN_A_ROW)
+                held_out = evaluation.maybe_run(state.model, state.step, last_step, autocast_context(
+                    runtime.device, "float32" if runtime.use_deepspeed else args.dtype)) if evaluation else {}
+                reporter.step(totals, lr, grad_norm, skipped, bad_steps_in_a_row, MAX_BAD_STEPS_IN_A_ROW, held_out)
                 if bad_steps_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
                     raise TrainingDiverged(diverged_message(state, bad_steps_in_a_row, files, args))
                 if totals["stop"]:  # a rank got Ctrl-C / SIGTERM: all stop here, saved

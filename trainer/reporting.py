@@ -54,9 +54,12 @@ class Reporter:
         self.epoch_start, self.epoch_start_step = time.time(), self.state.step
 
     def step(self, totals: dict, lr: float, grad_norm: float, skipped: bool, bad_steps_in_a_row: int,
-             max_bad_steps: int):
+             max_bad_steps: int, held_out: dict | None = None):
+        """held_out: the step's held-out evaluation (trainer/evaluating.py), if it had one."""
+        held_out = held_out or {}
         now = time.time()
-        elapsed = max(now - self.last_step_time, 1e-9)
+        # the evaluation's time is not training time: tokens/s stays the training speed
+        elapsed = max(now - self.last_step_time - held_out.get("eval_seconds", 0.0), 1e-9)
         self.last_step_time = now
         step = self.state.step
         if self.first_step_notice is not None:  # the run's first step: now an ETA can be given
@@ -70,7 +73,8 @@ class Reporter:
                   "tokens_per_s": round(totals["tokens"] / elapsed, 1),
                   "padded_tokens_per_s": round(totals["positions"] / elapsed, 1),
                   "mfu": self.mfu(totals["tokens"] / elapsed), "grad_norm": grad_norm, "skipped": skipped,
-                  "time": round(now, 3), **{k: v for k, v in totals.items() if k not in TOTALS_NOT_RECORDED}}
+                  "time": round(now, 3), **{k: v for k, v in totals.items() if k not in TOTALS_NOT_RECORDED},
+                  **{k: v for k, v in held_out.items() if k != "eval_seconds"}}
         if skipped:
             log(f"warning: step {step}: non-finite loss ({totals['loss']}) or gradient norm "
                 f"({grad_norm}); update skipped ({bad_steps_in_a_row}/{max_bad_steps} in a row)")
