@@ -71,7 +71,8 @@ def run_mc(model, tokenizer, data_path: str, settings, subject: Subject) -> dict
     else:
         scores = choice.score_continuations(model, choice_set.questions, prompting, settings.batch_tokens, label)
     chance = sum(1 / len(q.choices) for q in choice_set.questions) / len(choice_set.questions)
-    return {**choice.summarize(scores), "chance": chance, "skipped": choice_set.skipped, **extra}
+    return {**choice.summarize(scores), "chance": chance, "skipped": choice_set.skipped, **extra,
+            "predictions": [s.predicted for s in scores], "predictions_norm": [s.predicted_norm for s in scores]}
 
 
 def answers_of(model, tokenizer, questions: list[dict], settings, subject: Subject, task: str) -> list[str]:

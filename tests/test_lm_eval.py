@@ -1,9 +1,14 @@
-"""lm-evaluation-harness scores a model through scripts/serve_openai_api.py.
+"""lm-evaluation-harness and this project agree.
 
-`lm_eval --model local-completions` sends /v1/completions requests with token ids, echo and
-logprobs (as it does against vLLM or OpenAI); its per-choice log-likelihoods must equal the
-ones computed here directly from the same weights. The task is a two-question multiple-choice
-task written to a temporary folder with its data (no hub access)."""
+`lm_eval --model local-completions` scores a model through scripts/serve_openai_api.py: it sends
+/v1/completions requests with token ids, echo and logprobs (as it does against vLLM or OpenAI);
+its per-choice log-likelihoods must equal the ones computed here directly from the same weights.
+
+`lm_eval --model hf` on the Llama export of a model (scripts/convert_model.py --mode torch2llama,
+run by transformers' own Llama code) gives the same accuracy, acc_norm and per-question choices
+as `scripts/eval_bench.py --task mc` on the same questions.
+
+The tasks are multiple-choice tasks written to a temporary folder with their data (no hub access)."""
 import glob
 import importlib.util
 import json
@@ -16,6 +21,8 @@ import pytest
 import torch
 
 from model.inference import load_model, model_args
+from scripts.convert_model import main as convert_main
+from scripts.eval_bench import main as eval_bench
 from test_server import running_server, tiny_model
 from model.checkpoint import save_weights
 
@@ -93,3 +100,58 @@ def test_lm_eval_local_completions_gets_the_model_s_loglikelihoods(served, tmp_p
                     for choice in question["choices"]]
         assert scored == pytest.approx(expected, abs=1e-4)
         assert len(set(round(x, 3) for x in expected)) == len(expected)  # distinct: a mix-up would show
+
+
+BRIDGE_TASK = """task: minimind_demo_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_lm_eval_hf_on_the_llama_export_agrees_with_eval_bench(tmp_path):
+    """The first 16 questions of the demo mc set (Chinese and English, 4 choices; the English
+    choices carry their own leading space, so both sides put nothing between question and
+    choice). eval_bench --add_bos 0 scores as lm-evaluation-harness does (no <bos> in front)."""
+    save_weights(tiny_model(seed=2), str(tmp_path / "full_sft_64.pth"))
+    export = tmp_path / "llama"
+    convert_main(["--mode", "torch2llama", "--in", str(tmp_path / "full_sft_64.pth"), "--out", str(export),
+                  "--dtype", "float32"])
+    lines = (REPO_ROOT / "dataset" / "demo" / "eval_mc.jsonl").read_text(encoding="utf-8").splitlines()[:16]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "minimind_demo_mc.yaml").write_text(BRIDGE_TASK.format(data=data), encoding="utf-8")
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={export},dtype=float32",
+         "--tasks", "minimind_demo_mc", "--include_path", str(tasks), "--device", "cpu", "--batch_size", "8",
+         "--output_path", str(tmp_path / "results"), "--log_samples"],
+        capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results_file, = glob.glob(str(tmp_path / "results" / "**" / "results_*.json"), recursive=True)
+    harness = json.loads(Path(results_file).read_text())["results"]["minimind_demo_mc"]
+    samples_file, = glob.glob(str(tmp_path / "results" / "**" / "samples_minimind_demo_mc_*.jsonl"), recursive=True)
+    samples = sorted((json.loads(line) for line in Path(samples_file).read_text(encoding="utf-8").splitlines()),
+                     key=lambda s: s["doc_id"])
+    harness_choices = [max(range(len(s["resps"])), key=lambda i: float(s["resps"][i][0][0])) for s in samples]
+
+    out = tmp_path / "eval_bench.json"
+    assert eval_bench(["--task", "mc", "--data_path", str(data), "--load", "1", "--hf_path", str(export),
+                       "--device", "cpu", "--add_bos", "0", "--out", str(out), "--progress", "0"]) == 0
+    ours = json.loads(out.read_text())["tasks"][0]["models"]["llama"]
+    assert ours["predictions"] == harness_choices
+    assert ours["accuracy"] == pytest.approx(harness["acc,none"])
+    assert ours["acc_norm"] == pytest.approx(harness["acc_norm,none"])
+    assert len(set(harness_choices)) > 1  # a model that always picks one position would prove little
