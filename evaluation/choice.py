@@ -32,7 +32,7 @@ class Prompting:
     max_seq_len: int = 512
     add_bos: bool = True          # MiniMind trains every line after <bos>; lm-eval adds none (--add_bos 0)
     chat_template: bool = False   # the question as a user turn, the choice as the reply
-    delimiter: str = " "          # between question and choice (lm-eval's target_delimiter)
+    delimiter: str = ""           # put between question and choice (lm-eval: target_delimiter, " " there)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -44,10 +44,13 @@ class Prompting:
         return ([self.tokenizer.bos_token_id] if self.add_bos else []) + self.encode(text)
 
     def pair_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids) split as lm-evaluation-harness splits them: spaces at
-        the end of the context move to the continuation, the whole is tokenized at once."""
+        """(context ids, continuation ids) of a question and one choice, split as
+        lm-evaluation-harness splits them: the delimiter goes in front of the choice, spaces at
+        the end of the context move to the continuation, the whole is tokenized at once. With the
+        chat template the choice is the start of the assistant's reply (no delimiter)."""
         if self.chat_template:
             return self.context_ids(context), self.encode(continuation)
+        continuation = self.delimiter + continuation
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -85,8 +88,7 @@ def score_continuations(model, questions: list[ChoiceQuestion], prompting: Promp
     sequences, starts, owners, truncated = [], [], [], set()
     for q_index, question in enumerate(questions):
         for choice in question.choices:
-            context, continuation = prompting.pair_ids(question.question, prompting.delimiter + choice
-                                                       if not prompting.chat_template else choice)
+            context, continuation = prompting.pair_ids(question.question, choice)
             sequence, start, was_cut = fit(context, continuation, prompting.max_seq_len)
             sequences.append(sequence)
             starts.append(start)

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 LETTERS = "ABCDEFGHIJ"
+NO_ANSWER = "no answer letter A-D (e.g. a test split without answers)"
 
 
 class EvalDataError(Exception):
@@ -186,9 +187,8 @@ def read_csv_questions(path: str, subject: str, skipped: dict) -> list[ChoiceQue
         if len(row) <= max(question_col, answer_col, *letter_cols):
             raise EvalDataError(f"{path}:{number}: {len(row)} columns, the header has {len(header)}")
         answer = row[answer_col].strip().upper()
-        if answer not in "ABCD" or not answer:
-            skipped["no answer letter A-D (e.g. a test split without answers)"] = \
-                skipped.get("no answer letter A-D (e.g. a test split without answers)", 0) + 1
+        if answer not in ("A", "B", "C", "D"):
+            skipped[NO_ANSWER] = skipped.get(NO_ANSWER, 0) + 1
             continue
         questions.append(ChoiceQuestion(row[question_col], [row[c] for c in letter_cols], "ABCD".index(answer), subject))
     return questions

@@ -10,8 +10,9 @@ run it again, change a flag, or swap in the full data set:
     pretrain -> full SFT -> DPO -> reasoning distillation, and a LoRA adapter on the SFT model
 
 then asks the trained models a few questions from the demo data (greedy decoding), draws the
-loss and learning-rate curves of every stage into out/quickstart_metrics.png, and says what to
-run next. Weights, metrics and resume states stay in out/ and checkpoints/ like any other run.
+loss and learning-rate curves of every stage into out/quickstart_metrics.png, scores every
+stage on the held-out demo sets (scripts/eval_bench.py: bits per byte, multiple choice,
+arithmetic) into a table and out/quickstart_eval.png, and says what to run next. Weights, metrics and resume states stay in out/ and checkpoints/ like any other run.
 """
 import argparse
 import os
@@ -147,6 +148,34 @@ def ask_questions(size: Size, args) -> None:
         print(f"\n[{label}] 👶: {question}\n🤖️: {answer}", flush=True)
 
 
+def evaluation_command(size: Size, args) -> list[str]:
+    """scripts/eval_bench.py on the held-out demo sets, one model per trained stage (and the LoRA
+    adapter), side by side."""
+    from model.checkpoint import STAGE_OF_MODEL_MODE
+    mode_of_stage = {stage: mode for mode, stage in STAGE_OF_MODEL_MODE.items()}
+    models = [f"--model_mode {mode_of_stage[stage.name]}" for stage in STAGES if stage.name in mode_of_stage]
+    models += [f"--model_mode 1 --lora_name {stage.flags[stage.flags.index('--lora_name') + 1]}"
+               for stage in STAGES if "--lora_name" in stage.flags]
+    command = [sys.executable, os.path.join("scripts", "eval_bench.py"), "--task", "bpb,mc,gen",
+               "--hidden_size", str(size.hidden_size), "--num_hidden_layers", str(size.num_hidden_layers),
+               "--max_seq_len", str(size.max_seq_len), "--max_new_tokens", str(size.max_seq_len // 2),
+               "--out_dir", args.out_dir, "--out", os.path.join(args.out_dir, "quickstart_eval.json"),
+               "--plot", os.path.join(args.out_dir, "quickstart_eval.png"), "--models", *models]
+    if size.max_steps:  # the test-suite size: a few questions are enough to show the table
+        command += ["--max_questions", "8"]
+    if args.device:
+        command += ["--device", args.device]
+    return command
+
+
+def evaluate_stages(size: Size, args) -> None:
+    command = evaluation_command(size, args)
+    print(f"\n=== Every stage on the held-out demo sets (dataset/demo/eval_*.jsonl)\n$ {shown(command)}", flush=True)
+    result = subprocess.run(command, cwd=REPO_ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"quickstart: the evaluation failed (exit code {result.returncode}); its message is above")
+
+
 def plot_curves(args) -> str:
     from scripts.plot_metrics import main as plot_main
     return plot_main([args.out_dir, "--out", os.path.join(args.out_dir, "quickstart_metrics.png"), "--smooth", "10"])
@@ -175,6 +204,7 @@ def main(argv=None) -> int:
     train_all(size, args)
     print("\n=== The trained models answer demo questions (greedy decoding)", flush=True)
     ask_questions(size, args)
+    evaluate_stages(size, args)
     png = plot_curves(args)
     minutes = (time.time() - started) / 60
     print(f"\nDone in {minutes:.1f} min. Weights and metrics: {args.out_dir}; loss/lr curves: {png}")

@@ -63,6 +63,20 @@ def test_commands_answers_and_next_steps_are_printed(quickstart):
     assert "What next:" in stdout and "python eval_model.py --hidden_size 64 --num_hidden_layers 2" in stdout
 
 
+@pytest.mark.slow
+def test_every_stage_is_evaluated_on_the_held_out_demo_sets(quickstart):
+    out, stdout = quickstart
+    assert "$ python scripts/eval_bench.py --task bpb,mc,gen --hidden_size 64" in stdout
+    assert "| model | bpb | mc accuracy | gen accuracy |" in stdout
+    results = {t["task"]: t for t in json.loads((out / "quickstart_eval.json").read_text())["tasks"]}
+    labels = ["pretrain", "full_sft", "rlhf", "reason", "full_sft+lora_identity"]
+    for task in ("bpb", "mc", "gen"):
+        assert set(labels) <= set(results[task]["models"])  # (and GRPO's, once the quickstart trains it)
+    assert all(0 < r["bpb"] < 20 for r in results["bpb"]["models"].values())
+    assert all(r["n"] == 8 for r in results["mc"]["models"].values())  # --tiny: the first 8 questions
+    assert (out / "quickstart_eval.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
 def test_a_failing_stage_stops_the_quickstart_and_names_it(tmp_path):
     """A corrupt resume state in the way of the first stage: the quickstart stops there, says
     which stage failed and how to continue, and runs nothing after it."""
