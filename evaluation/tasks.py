@@ -40,8 +40,9 @@ def limit(items: list, settings) -> list:
     return items[:settings.max_questions] if settings.max_questions else items
 
 
-def progress_label(subject: Subject, task: str) -> str:
-    return f"{subject.label} {task}"
+def progress_label(subject: Subject, task: str, settings) -> str | None:
+    """The progress bar's title, or None for no bar (--progress 0)."""
+    return f"{subject.label} {task}" if settings.progress else None
 
 
 def prompt_ids(tokenizer, question: str, subject: Subject) -> list[int]:
@@ -52,7 +53,7 @@ def prompt_ids(tokenizer, question: str, subject: Subject) -> list[int]:
 def run_bpb(model, tokenizer, data_path: str, settings, subject: Subject) -> dict:
     texts = limit(read_documents(data_path, tokenizer), settings)
     result = bits_per_byte(model, tokenizer, texts, settings.max_seq_len, settings.batch_tokens,
-                           progress_label(subject, "bpb"))
+                           progress_label(subject, "bpb", settings))
     return result.as_dict()
 
 
@@ -61,7 +62,7 @@ def run_mc(model, tokenizer, data_path: str, settings, subject: Subject) -> dict
     choice_set.questions = limit(choice_set.questions, settings)
     prompting = choice.Prompting(tokenizer, settings.max_seq_len, bool(settings.add_bos), bool(settings.chat_template),
                                  settings.target_delimiter)
-    label = progress_label(subject, "mc")
+    label = progress_label(subject, "mc", settings)
     extra = {}
     if choice_set.style == "letter":
         scores, extra = choice.score_letters(model, choice_set, prompting, settings.num_fewshot, settings.batch_tokens,
@@ -78,7 +79,7 @@ def run_mc(model, tokenizer, data_path: str, settings, subject: Subject) -> dict
 def answers_of(model, tokenizer, questions: list[dict], settings, subject: Subject, task: str) -> list[str]:
     prompts = [prompt_ids(tokenizer, q["question"], subject) for q in questions]
     return generative.generate_answers(model, tokenizer, prompts, settings.max_new_tokens, settings.gen_batch_size,
-                                       progress_label(subject, task))
+                                       progress_label(subject, task, settings))
 
 
 def run_gen(model, tokenizer, data_path: str, settings, subject: Subject) -> dict:

@@ -148,8 +148,6 @@ def default_label(spec) -> str:
 def evaluate(args) -> dict:
     """{task: {"data_path", "models": {label: results}}}, loading each model once for all tasks."""
     results = {task: {"data_path": path, "models": {}} for task, path in zip(args.tasks, args.data_paths)}
-    if not args.progress:
-        os.environ["TQDM_DISABLE"] = "1"
     for spec in args.model_specs:
         model, tokenizer = load_model(spec)
         subject = Subject(spec.label, chat=not (spec.load == 0 and spec.model_mode == 0))
