@@ -251,3 +251,24 @@ def test_several_models_and_tasks_in_one_run(tmp_path, capsys):
     assert png.stat().st_size > 10_000
     table = capsys.readouterr().out
     assert "| model | bpb | mc accuracy |" in table and "| pretrain |" in table and "| full_sft |" in table
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "mcq"], "unknown task(s) ['mcq']"),
+    (["--task", "bpb,mc", "--data_path", "a.jsonl"], "1 path(s) for 2 task(s)"),
+    (["--task", "judge"], "--task judge needs --judge_base_url and --judge_model"),
+    (["--task", "mc", "--data_path", "missing.jsonl"], "--data_path missing.jsonl: no such file or folder"),
+    (["--model_modes", "0,x"], "expected numbers like 0,1,2,3"),
+])
+def test_flag_mistakes_end_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_bench(flags)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+
+
+def test_a_missing_model_is_a_one_line_error_not_a_traceback(tmp_path, capsys):
+    assert eval_bench(["--task", "mc", "--out_dir", str(tmp_path), "--hidden_size", "64", "--num_hidden_layers", "2",
+                       "--progress", "0"]) == 2
+    assert "no weights at" in capsys.readouterr().err
