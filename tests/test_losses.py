@@ -183,6 +183,19 @@ def test_plot_legend_lists_stages_in_training_order_beside_the_curves(tmp_path):
         assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # not over the curves
 
 
+def test_plot_adds_a_held_out_panel_for_runs_that_evaluated(tmp_path):
+    from scripts.plot_metrics import make_figure
+    evaluated = [{"step": s, "loss": 5.0, "lr": 1e-3, **({"eval_bpb": 4.0 - s / 10} if s % 2 == 0 else {})}
+                 for s in range(1, 7)]
+    plain = [{"step": s, "loss": 4.0, "lr": 1e-3} for s in range(1, 7)]
+    fig = make_figure({"pretrain_64": evaluated, "full_sft_64": plain})
+    assert len(fig.axes) == 3
+    lines = fig.axes[2].get_lines()
+    assert [line.get_label() for line in lines] == ["pretrain_64"]
+    assert list(lines[0].get_xdata()) == [2, 4, 6] and list(lines[0].get_ydata()) == pytest.approx([3.8, 3.6, 3.4])
+    assert len(make_figure({"full_sft_64": plain}).axes) == 2  # no evaluation, no empty panel
+
+
 def test_length_grouping_keeps_resume_and_rank_equivalence_and_cuts_padding():
     lengths = torch.randint(5, 500, (300,)).tolist()
     grouped = lambda world, accum, skip=0: (lambda r: StepBatchSampler(300, 4, accum, r, world, seed=0, epoch=0,
