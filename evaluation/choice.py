@@ -54,8 +54,9 @@ class Prompting:
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        prefix = [self.tokenizer.bos_token_id] if self.add_bos else []
         context_ids = self.encode(context)
+        # an empty question still needs a token to predict the choice from (lm-eval uses its prefix token)
+        prefix = [self.tokenizer.bos_token_id] if self.add_bos or not context_ids else []
         whole = self.encode(context + continuation)
         return prefix + context_ids, whole[len(context_ids):]
 

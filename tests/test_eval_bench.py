@@ -105,6 +105,7 @@ def test_context_tokens_are_split_as_lm_evaluation_harness_splits_them():
     assert context == ids("The capital is") and continuation == ids("The capital is Paris")[len(context):]
     spaced = Prompting(TOKENIZER, add_bos=False, delimiter=" ").pair_ids("The capital is", "Paris")  # lm-eval's " "
     assert spaced == (context, continuation)
+    assert Prompting(TOKENIZER, add_bos=False).pair_ids("", "Paris") == ([TOKENIZER.bos_token_id], ids("Paris"))
     with_bos = Prompting(TOKENIZER).pair_ids("7", "7")[0]
     assert with_bos == [TOKENIZER.bos_token_id] + ids("7")
 
