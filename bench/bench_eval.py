@@ -9,6 +9,7 @@ the demo evaluation sets, with a check that both give the same numbers.
 Rounds alternate between the two ways, so machine noise hits both alike.
 
     python bench/bench_eval.py                       # 26M config (MiniMind2-Small), writes bench/results/eval.json
+    python bench/bench_eval.py --hidden_size 256 --num_hidden_layers 4 --rounds 1   # the quickstart size (the figures in README)
     python bench/bench_eval.py --hidden_size 64 --num_hidden_layers 2 --rounds 1   # quick
 """
 import argparse
