@@ -109,6 +109,27 @@ def check_dpo(obj):
     return None
 
 
+def prompt_messages(conversations):
+    """An RL prompt from minimind-3's rlaif rows: the conversation without its final assistant
+    turn (which rlaif.jsonl rows carry, often empty); it must then end with a user turn."""
+    if isinstance(conversations, list) and conversations and isinstance(conversations[-1], dict) \
+            and conversations[-1].get("role") == "assistant":
+        return conversations[:-1]
+    return conversations
+
+
+def check_rlaif(obj):
+    if not isinstance(obj, dict) or "conversations" not in obj:
+        return 'missing key "conversations"'
+    messages = prompt_messages(obj["conversations"])
+    if not isinstance(messages, list) or not messages:
+        return "conversation must hold a user turn (a final assistant turn is dropped to make the prompt)"
+    problem = check_conversation(messages + [{"role": "assistant", "content": "(reply)"}])
+    if problem:
+        return f"{problem} (after dropping a final assistant turn the prompt must end with a user turn)"
+    return None
+
+
 def parse_line(raw, check):
     """(object, None) for a good line, (None, problem) for a bad one."""
     try:
@@ -341,7 +362,7 @@ class WindowCounts:
     unit: str = "samples"
 
     def describe(self, max_length, flag="--max_seq_len"):
-        what = "have a side with no reply" if self.unit == "pairs" else "have no reply"
+        what = {"pairs": "have a side with no reply", "prompts": "do not fit"}.get(self.unit, "have no reply")
         return (f"{self.skipped:,} of {self.total:,} {self.unit} ({percent(self.skipped, self.total)}) {what} "
                 f"inside {flag} {max_length} and are skipped; {self.cut:,} ({percent(self.cut, self.total)}) "
                 f"are cut (trained on the part that fits)")
@@ -602,6 +623,51 @@ class DPODataset(Dataset):
             x, y, mask = shifted(*chat_ids_and_mask(self.tokenizer, pair[side], self.max_length))
             item[f"x_{side}"], item[f"y_{side}"], item[f"mask_{side}"] = x, y, mask
         return item
+
+
+def prompt_ids(tokenizer, messages):
+    """The ChatML prompt with the assistant turn opened: what the policy continues."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_fits(tokenizer, max_length, samples):
+    return [(False, len(prompt_ids(tokenizer, prompt_messages(s["conversations"])))
+             <= max_length) for s in samples]
+
+
+class RLAIFDataset(Dataset):
+    """Prompts for online RL (GRPO, PPO): minimind-3's rlaif.jsonl rows, with an optional
+    "answer" the correctness reward checks. A prompt longer than max_length is skipped and
+    counted (window_report()); cutting it would drop the question or the system turn.
+
+    An item is {"prompt_ids": [...], "messages": the prompt's messages, "sample": the row,
+    "index": its position in the dataset} (the index seeds the item's rollouts)."""
+
+    def __init__(self, jsonl_path, tokenizer, max_length=512, skip_bad_lines=False, **index_kwargs):
+        self.lines = JsonlLines(jsonl_path, check_rlaif, skip_bad_lines, **index_kwargs)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.window = self.lines.keep_trainable(f"rlaif|{tokenizer_fingerprint(tokenizer)}|{max_length}",
+                                                 functools.partial(prompt_fits, tokenizer, max_length),
+                                                 unit="prompts")
+
+    def window_report(self, flag="--max_seq_len"):
+        return self.window.describe(self.max_length, flag)
+
+    def __len__(self):
+        return len(self.lines)
+
+    def __getitem__(self, i):
+        sample = self.lines[i]
+        messages = prompt_messages(sample["conversations"])
+        return {"prompt_ids": prompt_ids(self.tokenizer, messages), "messages": messages, "sample": sample,
+                "index": i}
+
+
+def prompt_collate(items):
+    """RL prompts stay lists (they are generated from, not stacked): {key: [value per item]}."""
+    return {key: [item[key] for item in items] for key in items[0]}
 
 
 # ------------------------------------------------------------------ batching

@@ -15,7 +15,7 @@ from model.model_minimind import MiniMindConfig
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --model_mode of eval_model.py -> the stage whose weights it loads
-STAGE_OF_MODEL_MODE = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason", 4: "full_dist"}
+STAGE_OF_MODEL_MODE = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason", 4: "full_dist", 5: "grpo", 6: "ppo_actor"}
 # which script writes each stage's weights (for "file not found" messages)
 SCRIPT_OF_STAGE = {
     "pretrain": "trainer/train_pretrain.py",
@@ -23,6 +23,8 @@ SCRIPT_OF_STAGE = {
     "rlhf": "trainer/train_dpo.py",
     "reason": "trainer/train_distill_reason.py",
     "full_dist": "trainer/train_distillation.py",
+    "grpo": "trainer/train_grpo.py",
+    "ppo_actor": "trainer/train_ppo.py",
 }
 
 

@@ -11,6 +11,7 @@ answers to a fact never vary, only the ways of asking do.
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -307,6 +308,41 @@ def make_r1_mix(rng, n):
     return rows
 
 
+def arithmetic_is_held_out(a, b, op):
+    """About one (a, b, op) in five is kept for the held-out RL prompts, never trained on by RL."""
+    return (a * 31 + b * 17 + (op == "minus")) % 5 == 0
+
+
+def rl_arithmetic_row(rng, held_out):
+    """A sum or difference of numbers 0..20 asked as the SFT data asks it, with its answer."""
+    while True:
+        english = rng.random() < 0.3
+        q, a = arithmetic_pair(rng, english=english)
+        numbers = [int(n) for n in re.findall(r"\d+", a)]
+        op = "minus" if ("minus" in a or "减" in a) else "plus"
+        if arithmetic_is_held_out(numbers[0], numbers[1], op) == held_out:
+            return {"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": ""}],
+                    "answer": str(numbers[2])}
+
+
+def rl_capital_row(rng):
+    c, cap, c_en, cap_en = rng.choice(CAPITALS)
+    if rng.random() < 0.3:
+        q, answer = rng.choice(CAPITAL_Q_EN).format(c=c_en), cap_en
+    else:
+        q, answer = rng.choice(CAPITAL_Q_ZH).format(c=c), cap
+    return {"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": ""}], "answer": answer}
+
+
+def make_rlaif(rng, n, held_out=False):
+    """RL prompts in minimind-3's rlaif format (a final empty assistant turn) with verifiable
+    answers: 80% sums and differences (numbers compared as numbers), 20% capitals. The held-out
+    file asks only sums whose (a, b, op) the training file never has."""
+    if held_out:
+        return [rl_arithmetic_row(rng, held_out=True) for _ in range(n)]
+    return [rl_arithmetic_row(rng, held_out=False) if rng.random() < 0.8 else rl_capital_row(rng) for _ in range(n)]
+
+
 def pretrain_sentences():
     """Plain-text statements of the same facts, for next-token pretraining."""
     s = [IDENTITY_ZH, IDENTITY_EN, "MiniMind是一个由MiniMind团队训练的小型语言模型。",
@@ -475,6 +511,9 @@ def main():
     write_jsonl(out / "r1_mix.jsonl", r1_mix)
     write_jsonl(out / "tokenizer_train.jsonl", make_tokenizer_train(rng, 1000, pretrain, sft))
     make_eval_sets(out, args.seed, [pretrain, sft, dpo, lora_identity, lora_medical, r1_mix])
+    rl_rng = random.Random(args.seed + 17)  # its own stream: the files above stay as they were
+    write_jsonl(out / "rlaif.jsonl", make_rlaif(rl_rng, 1000))
+    write_jsonl(out / "rlaif_heldout.jsonl", make_rlaif(rl_rng, 200, held_out=True))
 
 
 if __name__ == "__main__":

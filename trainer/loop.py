@@ -144,6 +144,7 @@ def accumulate_gradients(state: TrainState, micro_batches: list, loss_fn, lr: fl
     stats = StepStats(state.weighting)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(runtime.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch["optimizer_step"] = state.step + 1  # RL seeds the rollouts of this step with it
         is_last = i == len(micro_batches) - 1
         # DDP: all-reduce gradients only once per optimizer step, on its last micro-batch
         no_sync = isinstance(state.engine, DistributedDataParallel) and not is_last

@@ -19,7 +19,11 @@ MODES = ("token", "micro_batch")
 
 
 def loss_terms(batch: dict) -> int:
-    """How many terms the stage's loss averages over: trained tokens, or preference pairs (DPO)."""
+    """How many terms the stage's loss averages over: trained tokens, or preference pairs (DPO).
+    RL batches are prompts: their terms (reply tokens) exist only after the rollout, so the
+    stage's loss function sets batch["num_loss_terms"] itself; 0 until then."""
+    if "prompt_ids" in batch:
+        return 0
     if "loss_mask" in batch:
         return int(batch["loss_mask"].sum())
     return int(batch["x_chosen"].shape[0])

@@ -75,6 +75,9 @@ class Reporter:
                   "mfu": self.mfu(totals["tokens"] / elapsed), "grad_norm": grad_norm, "skipped": skipped,
                   "time": round(now, 3), **{k: v for k, v in totals.items() if k not in TOTALS_NOT_RECORDED},
                   **{k: v for k, v in held_out.items() if k != "eval_seconds"}}
+        if "rollout_s" in totals:  # RL: the update's speed, without the time its rollouts took
+            update_seconds = max(elapsed - totals["rollout_s"] * self.args.accumulation_steps, 1e-9)
+            record["update_tokens_per_s"] = round(totals["tokens"] / update_seconds, 1)
         if skipped:
             log(f"warning: step {step}: non-finite loss ({totals['loss']}) or gradient norm "
                 f"({grad_norm}); update skipped ({bad_steps_in_a_row}/{max_bad_steps} in a row)")
