@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import PAD_ID, prompt_ids, prompt_messages
 from model.engine import Engine, SamplingParams
-from trainer.rewards import correctness_reward
+from trainer.rewards import Rewards, correctness_reward
 
 
 @dataclass
@@ -81,6 +81,56 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution at every position but the last (rows, length-1)."""
     log_p = F.log_softmax(logits[:, :-1].float(), dim=-1)
     return -(log_p.exp() * log_p).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# What GRPO and PPO share: the rollout flags, the sampler, the rewards of a rollout
+# ----------------------------------------------------------------------------------------------
+
+def add_rollout_args(parser, num_generations: bool = True) -> None:
+    """What a rollout samples (shared with PPO)."""
+    group = parser.add_argument_group("rollouts")
+    group.add_argument("--max_gen_len", type=int, default=512, help="most tokens a reply may have")
+    group.add_argument("--temperature", type=float, default=1.0,
+                       help="rollout sampling temperature (1.0 samples from the policy the loss sees)")
+    group.add_argument("--top_p", type=float, default=1.0, help="rollout nucleus sampling")
+    if num_generations:
+        group.add_argument("--num_generations", type=int, default=8, help="replies per prompt (G)")
+
+
+def check_rollout_args(parser, args) -> None:
+    if args.max_gen_len < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1:
+        parser.error("--max_gen_len must be >= 1, --temperature > 0 and --top_p in (0, 1]")
+
+
+class RolloutSampler:
+    """Samples a micro-batch's replies through one engine, kept for the whole run (its KV cache
+    is allocated once: slots for every reply of a micro-batch, prompt plus reply long)."""
+
+    def __init__(self, args, tokenizer, replies_per_micro_batch: int):
+        self.args, self.tokenizer, self.slots = args, tokenizer, replies_per_micro_batch
+        self.engine = None
+
+    def __call__(self, policy, batch: dict, group_size: int):
+        if self.engine is None:
+            self.engine = Engine(policy, self.tokenizer, max_batch_size=self.slots,
+                                 max_seq_len=self.args.max_seq_len + self.args.max_gen_len)
+        step, indices = batch["optimizer_step"], batch["index"]
+
+        def params_of(prompt: int, reply: int) -> SamplingParams:
+            return SamplingParams(max_tokens=self.args.max_gen_len, temperature=self.args.temperature,
+                                  top_p=self.args.top_p, logprobs=True,
+                                  seed=rollout_seed(self.args.seed, step, indices[prompt], reply))
+        return generate_replies(self.engine, batch["prompt_ids"], group_size, params_of)
+
+
+def score_replies(rewards: Rewards, batch: dict, rollout, group_size: int):
+    """The reward of every reply (sum of the parts) and the parts' means to log."""
+    def repeat(values):
+        return [v for v in values for _ in range(group_size)]
+    parts = rewards.score(repeat(batch["messages"]), rollout.texts, repeat(batch["sample"]))
+    total = torch.stack(list(parts.values())).sum(0)
+    return total, {f"reward_{name}": values.mean() for name, values in parts.items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ import torch  # noqa: E402
 
 from dataset.lm_dataset import RLAIFDataset, prompt_collate  # noqa: E402
 from model.checkpoint import unwrap_model  # noqa: E402
-from model.engine import Engine, SamplingParams  # noqa: E402
 from trainer.accelerator import TORCH_DTYPES, frozen_copy, weights_dtype  # noqa: E402
 from trainer.cli import build_parser, finish_args  # noqa: E402
 from trainer.losses import with_aux_loss  # noqa: E402
@@ -43,23 +42,13 @@ from trainer.processes import training_processes  # noqa: E402
 from trainer.rewards import Rewards, add_reward_args  # noqa: E402
 from trainer.rl_losses import (LOSS_AGGREGATIONS, aggregate, cispo_token_loss, clipped_fraction,  # noqa: E402
                                grpo_token_loss, group_advantages, kl_k3, masked_mean)
-from trainer.rollout import generate_replies, rollout_seed, token_entropy, token_log_probs  # noqa: E402
+from trainer.rollout import (RolloutSampler, add_rollout_args, check_rollout_args, score_replies,  # noqa: E402
+                             token_entropy, token_log_probs)
 from trainer.stage import build_model, load_tokenizer, run_stage  # noqa: E402
 
 # --epsilon_high when not given: DAPO's clip-higher bound for grpo; for cispo the importance
 # weight is capped at 1 + 4 = 5, minimind-3's cap
 DEFAULT_EPSILON_HIGH = {"grpo": 0.28, "cispo": 4.0}
-
-
-def add_rollout_args(parser, num_generations: bool = True) -> None:
-    """What a rollout samples (shared with PPO)."""
-    group = parser.add_argument_group("rollouts")
-    group.add_argument("--max_gen_len", type=int, default=512, help="most tokens a reply may have")
-    group.add_argument("--temperature", type=float, default=1.0,
-                       help="rollout sampling temperature (1.0 samples from the policy the loss sees)")
-    group.add_argument("--top_p", type=float, default=1.0, help="rollout nucleus sampling")
-    if num_generations:
-        group.add_argument("--num_generations", type=int, default=8, help="replies per prompt (G)")
 
 
 def parse_args(argv=None):
@@ -85,41 +74,6 @@ def parse_args(argv=None):
         parser.error(f"--num_generations must be at least 2 (advantages compare replies to one prompt), "
                      f"got {args.num_generations}")
     return args
-
-
-def check_rollout_args(parser, args) -> None:
-    if args.max_gen_len < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1:
-        parser.error("--max_gen_len must be >= 1, --temperature > 0 and --top_p in (0, 1]")
-
-
-class RolloutSampler:
-    """Samples a micro-batch's replies through one engine, kept for the whole run (its KV cache
-    is allocated once: slots for every reply of a micro-batch, prompt plus reply long)."""
-
-    def __init__(self, args, tokenizer, replies_per_micro_batch: int):
-        self.args, self.tokenizer, self.slots = args, tokenizer, replies_per_micro_batch
-        self.engine = None
-
-    def __call__(self, policy, batch: dict, group_size: int):
-        if self.engine is None:
-            self.engine = Engine(policy, self.tokenizer, max_batch_size=self.slots,
-                                 max_seq_len=self.args.max_seq_len + self.args.max_gen_len)
-        step, indices = batch["optimizer_step"], batch["index"]
-
-        def params_of(prompt: int, reply: int) -> SamplingParams:
-            return SamplingParams(max_tokens=self.args.max_gen_len, temperature=self.args.temperature,
-                                  top_p=self.args.top_p, logprobs=True,
-                                  seed=rollout_seed(self.args.seed, step, indices[prompt], reply))
-        return generate_replies(self.engine, batch["prompt_ids"], group_size, params_of)
-
-
-def score_replies(rewards: Rewards, batch: dict, rollout, group_size: int):
-    """The reward of every reply (sum of the parts) and the parts' means to log."""
-    def repeat(values):
-        return [v for v in values for _ in range(group_size)]
-    parts = rewards.score(repeat(batch["messages"]), rollout.texts, repeat(batch["sample"]))
-    total = torch.stack(list(parts.values())).sum(0)
-    return total, {f"reward_{name}": values.mean() for name, values in parts.items()}
 
 
 def make_grpo_loss(args, reference, rewards: Rewards, sampler: RolloutSampler):
