@@ -109,36 +109,54 @@ def plot(runs: dict[str, list[dict]], out_path: str, smooth: int = 0) -> None:
 
 
 def make_figure(runs: dict[str, list[dict]], smooth: int = 0):
-    """Loss (top) and learning rate of every run, one colour per run, and the held-out bits per
-    byte of the runs that measured it (--eval_interval)."""
+    """Loss (top) and learning rate of every run, one colour per run, then the held-out bits per
+    byte of the runs that measured it (--eval_interval) and the mean reward per step of the RL
+    stages' runs (records with a reward), each panel only when some run has it."""
     evaluated = {label: [r for r in records if "eval_bpb" in r] for label, records in runs.items()}
     evaluated = {label: records for label, records in evaluated.items() if records}
-    fig, axes = plt.subplots(3 if evaluated else 2, 1, figsize=(11, 10 if evaluated else 7), sharex=False)
+    rl_runs = {label: records for label, records in runs.items() if any("reward" in r for r in records)}
+    panels = 2 + bool(evaluated) + bool(rl_runs)
+    fig, axes = plt.subplots(panels, 1, figsize=(11, 3.5 * panels), sharex=False)
     loss_ax, lr_ax = axes[0], axes[1]
+    bpb_ax = axes[2] if evaluated else None
+    colours = {}
     for label, records in runs.items():
         finite = [r for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
         steps, losses = [r["step"] for r in finite], [r["loss"] for r in finite]
         line, = loss_ax.plot(steps, losses, alpha=0.35 if smooth else 1.0, linewidth=1, label=label)
+        colours[label] = line.get_color()
         if smooth > 1:
             loss_ax.plot(steps, moving_average(losses, smooth), color=line.get_color(), linewidth=2,
                          label=f"{label} (mean of {smooth})")
         lr_ax.plot([r["step"] for r in records], [r["lr"] for r in records], label=label)
         if label in evaluated:
-            axes[2].plot([r["step"] for r in evaluated[label]], [r["eval_bpb"] for r in evaluated[label]], marker="o",
-                         markersize=3, color=line.get_color(), label=label)
+            bpb_ax.plot([r["step"] for r in evaluated[label]], [r["eval_bpb"] for r in evaluated[label]], marker="o",
+                        markersize=3, color=line.get_color(), label=label)
     loss_ax.set(title="training loss", xlabel="optimizer step", ylabel="loss")
     if all(v > 0 for line in loss_ax.get_lines() for v in line.get_ydata()):
         loss_ax.set_yscale("log")  # stages' losses differ by orders of magnitude (pretrain ~8, DPO ~0.7)
     lr_ax.set(title="learning rate", xlabel="optimizer step", ylabel="lr")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     if evaluated:
-        axes[2].set(title="held-out bits per byte (--eval_data)", xlabel="optimizer step", ylabel="bits per byte")
+        bpb_ax.set(title="held-out bits per byte (--eval_data)", xlabel="optimizer step", ylabel="bits per byte")
+    if rl_runs:
+        plot_rewards(axes[-1], rl_runs, colours, smooth)
     for ax in axes:
         ax.grid(alpha=0.3)
         # beside the plot, not on it: the curves' right ends are what a reader looks at
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig
+
+
+def plot_rewards(ax, runs: dict[str, list[dict]], colours: dict, smooth: int = 0) -> None:
+    for label, records in runs.items():
+        steps, rewards = zip(*[(r["step"], r["reward"]) for r in records if "reward" in r])
+        ax.plot(steps, rewards, alpha=0.35 if smooth else 1.0, linewidth=1, label=label, color=colours[label])
+        if smooth > 1:
+            ax.plot(steps, moving_average(list(rewards), smooth), color=colours[label], linewidth=2,
+                    label=f"{label} (mean of {smooth})")
+    ax.set(title="mean reward of the rollouts (RL stages)", xlabel="optimizer step", ylabel="reward")
 
 
 def default_out_path(files: list[str]) -> str:

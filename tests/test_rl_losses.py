@@ -120,3 +120,16 @@ def test_ppo_value_loss_takes_the_worse_of_clipped_and_unclipped():
     # v=0.0: unclipped (0-1)^2 = 1, clipped v=0.8 -> 0.04 -> 1
     loss = ppo_value_loss(values, old_values, returns, cliprange_value=0.2)
     assert loss.tolist() == pytest.approx([0.5 * 0.64, 0.5 * 1.21, 0.5 * 1.0])
+
+
+def test_plot_has_a_reward_panel_for_rl_runs():
+    from scripts.plot_metrics import make_figure
+    sft = [{"step": s, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 5)]
+    grpo = [{"step": s, "loss": 0.01, "lr": 1e-6, "reward": 0.1 * s} for s in range(1, 5)]
+    assert len(make_figure({"full_sft_64": sft}).axes) == 2
+    fig = make_figure({"full_sft_64": sft, "grpo_64": grpo})
+    reward_ax = fig.axes[2]
+    assert reward_ax.get_title().startswith("mean reward")
+    lines = reward_ax.get_lines()
+    assert len(lines) == 1 and list(lines[0].get_ydata()) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert lines[0].get_color() == fig.axes[0].get_lines()[1].get_color()  # grpo's colour in every panel
