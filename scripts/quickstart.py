@@ -7,7 +7,8 @@ It trains a small MiniMind on the bundled demo data (dataset/demo/) through the 
 real recipe, each one through its own command line, printed before it starts so that you can
 run it again, change a flag, or swap in the full data set:
 
-    pretrain -> full SFT -> DPO -> reasoning distillation, and a LoRA adapter on the SFT model
+    pretrain -> full SFT -> DPO -> reasoning distillation, and a LoRA adapter on the SFT model,
+    and online RL (GRPO) on the SFT model with before/after accuracy on held-out demo sums
 
 then asks the trained models a few questions from the demo data (greedy decoding), draws the
 loss and learning-rate curves of every stage into out/quickstart_metrics.png, scores every
@@ -34,6 +35,7 @@ class Size:
     max_seq_len: int
     epochs: dict        # stage -> epochs over its demo file
     max_steps: int = 0  # 0 = all epochs
+    grpo_steps: int = 40  # the GRPO stage is cut to this many steps (its demo file holds 1000 prompts)
 
     def flags(self) -> list[str]:
         return ["--hidden_size", str(self.hidden_size), "--num_hidden_layers", str(self.num_hidden_layers),
@@ -44,9 +46,9 @@ class Size:
 SIZES = {
     "default": Size(hidden_size=256, num_hidden_layers=4, max_seq_len=128,
                     # reason: 10 epochs (was 6); with MiniMind2's init and LR curve, 6 left 5+6=10
-                    epochs={"pretrain": 2, "full_sft": 2, "rlhf": 1, "reason": 10, "lora": 3}),
+                    epochs={"pretrain": 2, "full_sft": 2, "rlhf": 1, "reason": 10, "lora": 3, "grpo": 1}),
     "tiny": Size(hidden_size=64, num_hidden_layers=2, max_seq_len=96,
-                 epochs={"pretrain": 1, "full_sft": 1, "rlhf": 1, "reason": 1, "lora": 1}, max_steps=2),
+                 epochs={"pretrain": 1, "full_sft": 1, "rlhf": 1, "reason": 1, "lora": 1, "grpo": 1}, max_steps=2),
 }
 
 
@@ -76,6 +78,12 @@ STAGES = [
     Stage("lora", "train_lora.py",
           ["--lora_name", "lora_identity", "--batch_size", "16", "--learning_rate", "2e-3"],
           "full_sft + a LoRA adapter (only the adapter is trained and saved)"),
+    # online RL on the demo sums and capitals: 8 sampled replies per prompt, rewarded by the rules
+    # (correct answer, length, repetition); before/after accuracy on held-out sums at the end
+    Stage("grpo", "train_grpo.py",
+          ["--batch_size", "4", "--num_generations", "8", "--max_gen_len", "32", "--learning_rate", "5e-5",
+           "--beta", "0.02"],
+          "full_sft -> online RL (GRPO): replies that give the right answer are made likelier"),
 ]
 
 # Questions from the demo data, asked of the model each stage produced.
@@ -101,8 +109,9 @@ def parse_args(argv=None):
 
 
 def stage_command(stage: Stage, size: Size, args) -> list[str]:
+    max_steps = size.max_steps or (size.grpo_steps if stage.name == "grpo" else 0)
     command = [sys.executable, os.path.join("trainer", stage.script), *size.flags(), *stage.flags,
-               "--epochs", str(size.epochs[stage.name]), "--max_steps", str(size.max_steps),
+               "--epochs", str(size.epochs[stage.name]), "--max_steps", str(max_steps),
                "--log_interval", "50", "--save_interval", "100",
                "--out_dir", args.out_dir, "--checkpoint_dir", args.checkpoint_dir]
     if args.device:
@@ -176,6 +185,30 @@ def evaluate_stages(size: Size, args) -> None:
         raise SystemExit(f"quickstart: the evaluation failed (exit code {result.returncode}); its message is above")
 
 
+def rl_accuracy(size: Size, args) -> dict:
+    """Greedy accuracy on the held-out demo sums (prompts GRPO never trained on) of the model
+    before GRPO (full_sft) and after it; written to {out_dir}/quickstart_rl_accuracy.json."""
+    import json
+    from model.checkpoint import REPO_ROOT as ROOT
+    from model.inference import default_device, load_model, model_args
+    from trainer.rollout import held_out_accuracy, read_rows
+    rows = read_rows(os.path.join(ROOT, "dataset", "demo", "rlaif_heldout.jsonl"))
+    results = {}
+    for model_mode, stage in ((1, "full_sft"), (5, "grpo")):
+        model, tokenizer = load_model(model_args(model_mode=model_mode, out_dir=args.out_dir, hidden_size=size.hidden_size,
+                                                 num_hidden_layers=size.num_hidden_layers,
+                                                 device=args.device or default_device()))
+        results[stage] = held_out_accuracy(model, tokenizer, rows, max_new_tokens=32)
+    print(f"\n=== Held-out demo sums ({results['grpo']['rows']} prompts GRPO never saw, greedy): correct answers "
+          f"{results['full_sft']['accuracy']:.1%} before GRPO (full_sft) -> {results['grpo']['accuracy']:.1%} after",
+          flush=True)
+    for question, reply, answer in results["grpo"]["examples"]:
+        print(f"  {question} -> {reply!r} (answer {answer})")
+    with open(os.path.join(args.out_dir, "quickstart_rl_accuracy.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, ensure_ascii=False, indent=2)
+    return results
+
+
 def plot_curves(args) -> str:
     from scripts.plot_metrics import main as plot_main
     return plot_main([args.out_dir, "--out", os.path.join(args.out_dir, "quickstart_metrics.png"), "--smooth", "10"])
@@ -205,6 +238,7 @@ def main(argv=None) -> int:
     print("\n=== The trained models answer demo questions (greedy decoding)", flush=True)
     ask_questions(size, args)
     evaluate_stages(size, args)
+    rl_accuracy(size, args)
     png = plot_curves(args)
     minutes = (time.time() - started) / 60
     print(f"\nDone in {minutes:.1f} min. Weights and metrics: {args.out_dir}; loss/lr curves: {png}")

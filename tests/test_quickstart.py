@@ -22,7 +22,7 @@ def quickstart(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "full_sft", "rlhf", "reason"])
+@pytest.mark.parametrize("stage", ["pretrain", "full_sft", "rlhf", "reason", "grpo"])
 def test_every_stage_leaves_loadable_weights_and_metrics(quickstart, stage):
     out, _ = quickstart
     model = MiniMindForCausalLM(config_from_sizes(64, 2))
@@ -48,14 +48,14 @@ def test_the_plot_is_a_real_png_of_every_stage(quickstart):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     height, width, _ = matplotlib.image.imread(str(png)).shape
     assert height > 200 and width > 200
-    assert "5 run(s)" in stdout
+    assert "6 run(s)" in stdout
 
 
 @pytest.mark.slow
 def test_commands_answers_and_next_steps_are_printed(quickstart):
     _, stdout = quickstart
     for script in ("train_pretrain.py", "train_full_sft.py", "train_dpo.py", "train_distill_reason.py",
-                   "train_lora.py"):
+                   "train_lora.py", "train_grpo.py"):
         assert f"$ python trainer/{script} --hidden_size 64" in stdout
     from scripts.quickstart import QUESTIONS
     for _, _, question in QUESTIONS:
@@ -89,3 +89,12 @@ def test_a_failing_stage_stops_the_quickstart_and_names_it(tmp_path):
     assert result.returncode != 0
     assert "the pretrain stage failed" in result.stderr and "--resume 1" in result.stderr
     assert "train_full_sft.py" not in result.stdout
+
+
+@pytest.mark.slow
+def test_grpo_accuracy_before_and_after_is_reported(quickstart):
+    out, stdout = quickstart
+    assert "=== Held-out demo sums (200 prompts GRPO never saw, greedy): correct answers" in stdout
+    results = json.loads((out / "quickstart_rl_accuracy.json").read_text())
+    assert set(results) == {"full_sft", "grpo"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["rows"] == 200 for r in results.values())
