@@ -1,7 +1,9 @@
 """Rollouts for online RL: replies sampled through the generation engine (model/engine.py), and
 the log-probabilities of those replies under a model.
 
-    rollout = generate_replies(engine, prompts, group_size, params_of)   # G replies per prompt
+    sampler = RolloutSampler(args, tokenizer, slots)                      # one engine for the whole run
+    rollout = sampler(policy, batch, group_size)                          # G replies per prompt, seeded
+    reward, parts = score_replies(rewards, batch, rollout, group_size)    # the reward of every reply
     log_probs = token_log_probs(logits, rollout.input_ids)                # (rows, length-1)
     accuracy = held_out_accuracy(model, tokenizer, rows, max_new_tokens)  # greedy, correctness rule
 
