@@ -31,16 +31,49 @@ DEFAULT_SYSTEM = "You are a helpful assistant"
 
 # MiniMind2's ChatML: the system turn is always written (the default one when the first
 # message is not a system message); every user/assistant turn is <|im_start|>role\n...<|im_end|>\n.
-# Kept on one line so Jinja adds no stray whitespace.
+# Tool conversations follow minimind-3's template (Qwen3 / "Hermes" format) without its empty
+# <think></think>: with `tools` the system turn lists them (one JSON a line inside <tools>) and
+# has no default text; an assistant's tool_calls follow its content as <tool_call> blocks; tool
+# results are <tool_response> blocks in a user turn (consecutive tool messages share one turn).
+# Whitespace control on every tag, so the text is exactly the quoted strings.
+TOOLS_HEADER = ("# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>")
+TOOLS_FOOTER = ("\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+                "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+                "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call>")
 CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' -%}"
+    # the system turn
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
+    "{{- '" + TOOLS_HEADER + "' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '" + TOOLS_FOOTER + "<|im_end|>\\n' -}}"
+    "{%- elif messages[0]['role'] == 'system' -%}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
     "{%- else -%}"
     "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' -}}"
     "{%- endif -%}"
+    # the turns (a system message after the first is left out, as MiniMind2 does)
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' or message['role'] == 'assistant' -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- set content = message['content'] if message['content'] is string else '' -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- '<|im_start|>user\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' + content -}}"
+    "{%- for call in (message['tool_calls'] or []) -%}"
+    "{%- if content or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- set function = call['function'] if call['function'] is defined else call -%}"
+    "{{- '<tool_call>\\n{\"name\": \"' + function['name'] + '\", \"arguments\": ' -}}"
+    "{%- if function['arguments'] is string -%}{{- function['arguments'] -}}"
+    "{%- else -%}{{- function['arguments'] | tojson -}}{%- endif -%}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' -}}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
