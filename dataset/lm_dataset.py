@@ -2,7 +2,7 @@
 Datasets and batching for every training stage.
 
     PretrainDataset   {"text": ...}                          -> (X, Y, loss_mask)
-    SFTDataset        {"conversations": [messages]}          -> (X, Y, loss_mask)
+    SFTDataset        {"conversations": [messages]}          -> (X, Y, loss_mask)  (tool rows too)
     DPODataset        {"chosen": [...], "rejected": [...]}   -> dict of six tensors
     pad_collate, pack_collate, dpo_collate                   -> dicts of (B, T) tensors
 
@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from model.tools import assistant_text, function_of, json_field
+
 PAD_ID = 0
 VALIDATE_MAX_BYTES = 256 * 1024 ** 2
 INDEX_FORMAT_VERSION = 2
@@ -87,6 +89,81 @@ def check_conversation(messages):
     return None
 
 
+def is_tool_conversation(sample):
+    """A row in one of the two tool shapes: minimind-3's (a message carrying `tools`, assistant
+    messages carrying `tool_calls`, `tool` messages) or OpenAI's (`tools` beside the messages)."""
+    messages = sample.get("conversations", sample.get("messages"))
+    return "tools" in sample or (isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tools") or m.get("tool_calls")) for m in messages))
+
+
+def conversation_of(sample):
+    """(messages, tools) of an SFT row: `conversations` or `messages`; `tools` beside them or on
+    a message; `tools` and `tool_calls` as JSON strings or objects. Raises ValueError."""
+    messages = sample["conversations"] if "conversations" in sample else sample["messages"]
+    if not is_tool_conversation(sample):
+        return messages, None
+    tools = sample.get("tools")
+    cleaned = []
+    for i, message in enumerate(messages):
+        message = dict(message)
+        if message.get("tools"):
+            tools = message["tools"]
+        message.pop("tools", None)
+        if message.get("tool_calls"):
+            message["tool_calls"] = json_field(message["tool_calls"], f"message {i} tool_calls")
+        else:
+            message.pop("tool_calls", None)
+        cleaned.append(message)
+    return cleaned, json_field(tools, "tools") or None
+
+
+def check_tool_calls(calls, i):
+    if not isinstance(calls, list) or not calls:
+        return f"message {i}: tool_calls must be a non-empty list"
+    for call in calls:
+        function = function_of(call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(function.get("arguments", {}), (dict, str)):
+            return f'message {i}: each tool call needs a string "name" and "arguments" (an object or a JSON string)'
+    return None
+
+
+# which role may follow which in a tool conversation ("assistant+calls": an assistant that calls tools)
+NEXT_ROLES = {"start": {"user"}, "user": {"assistant", "assistant+calls"},
+              "assistant": {"user"}, "assistant+calls": {"tool"}, "tool": {"tool", "assistant", "assistant+calls"}}
+
+
+def check_tool_conversation(messages, tools):
+    """Like check_conversation, for tool rows: after an assistant message with tool_calls come one
+    or more tool messages, then the assistant again; the conversation ends with an answer."""
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        return "tools must be a list of objects"
+    if not isinstance(messages, list) or not messages:
+        return "conversation must be a non-empty list of messages"
+    state = "start"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content") if m.get("content") is not None else "", str):
+            return f"message {i} must be an object with string 'role' and string (or null) 'content'"
+        if i == 0 and m["role"] == "system":
+            continue
+        role = m["role"]
+        if role == "assistant" and m.get("tool_calls"):
+            problem = check_tool_calls(m["tool_calls"], i)
+            if problem:
+                return problem
+            role = "assistant+calls"
+        elif role == "assistant" and not (m.get("content") or "").strip():
+            return f"empty assistant turn (message {i})"
+        if role not in NEXT_ROLES[state]:
+            return f"roles out of order: message {i} is '{role}' after '{state}'"
+        state = role
+    if state != "assistant":
+        return "conversation must end with an assistant answer"
+    return None
+
+
 def check_pretrain(obj):
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         return 'missing string key "text"'
@@ -94,9 +171,14 @@ def check_pretrain(obj):
 
 
 def check_sft(obj):
-    if not isinstance(obj, dict) or "conversations" not in obj:
-        return 'missing key "conversations"'
-    return check_conversation(obj["conversations"])
+    if not isinstance(obj, dict) or not ("conversations" in obj or "messages" in obj):
+        return 'missing key "conversations" (or "messages")'
+    if not is_tool_conversation(obj):
+        return check_conversation(obj["conversations"] if "conversations" in obj else obj["messages"])
+    try:
+        return check_tool_conversation(*conversation_of(obj))
+    except (ValueError, TypeError, AttributeError) as e:
+        return str(e)
 
 
 def check_dpo(obj):
@@ -458,7 +540,8 @@ def shifted(ids, token_mask):
 
 
 def assistant_char_spans(text, messages):
-    """Character spans of each assistant reply + its <|im_end|> in the rendered chat text.
+    """Character spans of each assistant reply (its content and tool calls) + its <|im_end|> in
+    the rendered chat text.
 
     The spans are located in order, so a reply that also appears earlier in the text (for
     example quoted by the user) is still found at its own place.
@@ -467,12 +550,12 @@ def assistant_char_spans(text, messages):
     for m in messages:
         if m["role"] != "assistant":
             continue
-        opener = "<|im_start|>assistant\n"
-        start = text.find(opener + m["content"] + "<|im_end|>", cursor)
+        opener, body = "<|im_start|>assistant\n", assistant_text(m)
+        start = text.find(opener + body + "<|im_end|>", cursor)
         if start < 0:
             raise ValueError("chat template output does not contain an assistant turn as ChatML")
         start += len(opener)
-        end = start + len(m["content"]) + len("<|im_end|>")
+        end = start + len(body) + len("<|im_end|>")
         spans.append((start, end))
         cursor = end
     return spans
@@ -490,25 +573,28 @@ def tokens_inside(offsets, spans):
     return mask
 
 
-def chat_encodings(tokenizer, conversations):
-    """(ids, mask) of whole conversations, uncut: mask is 1 on assistant content + <|im_end|>.
+def chat_encodings(tokenizer, conversations, tools_list=None):
+    """(ids, mask) of whole conversations, uncut: mask is 1 on assistant content, tool calls and
+    <|im_end|>; the tools block and the tool results (user turns) are not trained.
 
     The newline after <|im_end|> is not trained (it is template glue, not model output).
     All conversations go through one tokenizer call (faster when building the index)."""
-    texts = [tokenizer.apply_chat_template(messages, tokenize=False) for messages in conversations]
+    tools_list = tools_list or [None] * len(conversations)
+    texts = [tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+             for messages, tools in zip(conversations, tools_list)]
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return [(ids, tokens_inside(offsets, assistant_char_spans(text, messages)))
             for ids, offsets, text, messages in zip(encoded["input_ids"], encoded["offset_mapping"], texts,
                                                    conversations)]
 
 
-def chat_ids_and_mask(tokenizer, messages, max_length):
+def chat_ids_and_mask(tokenizer, messages, max_length, tools=None):
     """Token ids of a conversation cut to max_length, and its mask of trained tokens.
 
     Truncation as in MiniMind2: a reply that starts inside max_length is trained on the part
     that fits, and no <|im_end|> is put at the cut (the model must not learn to stop where the
     window ends). Replies past the window are simply not there."""
-    ids, mask = chat_encodings(tokenizer, [messages])[0]
+    ids, mask = chat_encodings(tokenizer, [messages], [tools])[0]
     return ids[:max_length], mask[:max_length]
 
 
@@ -518,8 +604,8 @@ def window_fit(ids, mask, max_length):
     return len(ids) > max_length, any(mask[1:max_length])
 
 
-def chat_fits(tokenizer, max_length, conversations):
-    return [window_fit(ids, mask, max_length) for ids, mask in chat_encodings(tokenizer, conversations)]
+def chat_fits(tokenizer, max_length, conversations, tools_list=None):
+    return [window_fit(ids, mask, max_length) for ids, mask in chat_encodings(tokenizer, conversations, tools_list)]
 
 
 # ------------------------------------------------------------------ datasets
@@ -559,15 +645,19 @@ class PretrainDataset(Dataset):
 
 
 def sft_fits(tokenizer, max_length, samples):
-    return chat_fits(tokenizer, max_length, [sample["conversations"] for sample in samples])
+    conversations, tools_list = zip(*[conversation_of(sample) for sample in samples]) if samples else ((), ())
+    return chat_fits(tokenizer, max_length, list(conversations), list(tools_list))
 
 
 class SFTDataset(Dataset):
     """Chat data rendered with the tokenizer's ChatML template; loss only on the replies.
 
-    Trained: each assistant turn's content and its closing <|im_end|> (all turns of a
-    multi-turn conversation; a reply cut by max_length on the part that fits). Masked: the
-    system and user turns, the role headers, the newline after <|im_end|>. Reasoning data
+    Trained: each assistant turn's content, its tool calls and its closing <|im_end|> (all turns
+    of a multi-turn conversation; a reply cut by max_length on the part that fits). Masked: the
+    system and user turns (the tools block, tool results), the role headers, the newline after
+    <|im_end|>. Rows: {"conversations": [...]} or {"messages": [...]}; tool rows in minimind-3's
+    shape (a message with `tools`, assistant `tool_calls`, JSON strings or objects) or OpenAI's
+    (`tools` beside the messages). Reasoning data
     (<think>/<answer>) is used as is. Samples with nothing to train inside max_length are
     skipped and counted (window_report()).
     """
@@ -587,7 +677,8 @@ class SFTDataset(Dataset):
         return len(self.lines)
 
     def __getitem__(self, i):
-        ids, mask = chat_ids_and_mask(self.tokenizer, self.lines[i]["conversations"], self.max_length)
+        messages, tools = conversation_of(self.lines[i])
+        ids, mask = chat_ids_and_mask(self.tokenizer, messages, self.max_length, tools)
         return shifted(ids, mask)
 
 

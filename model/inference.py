@@ -272,10 +272,11 @@ def trim_history(messages: list[dict], history_cnt: int) -> list[dict]:
     return system + kept + current
 
 
-def build_prompt_ids(tokenizer, messages: list[dict], raw: bool = False) -> list[int]:
+def build_prompt_ids(tokenizer, messages: list[dict], raw: bool = False, tools: list[dict] | None = None) -> list[int]:
     """Token ids the model continues from.
 
-    Chat models: the ChatML template with the assistant turn opened. The pretrain model has
+    Chat models: the ChatML template with the assistant turn opened; `tools` (OpenAI-shaped
+    schemas) are listed in the system turn as minimind-3 does (model/tools.py). The pretrain model has
     never seen a chat template, so it gets <|im_start|> + the plain text of the last message
     to continue, as MiniMind does.
 
@@ -287,13 +288,16 @@ def build_prompt_ids(tokenizer, messages: list[dict], raw: bool = False) -> list
     with ENCODE_LOCK:
         if raw:
             return [tokenizer.bos_token_id] + text_ids(tokenizer, messages[-1]["content"])
-        return chat_prompt_ids(tokenizer, messages)
+        return chat_prompt_ids(tokenizer, messages, tools)
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     marker = f"\x00{uuid.uuid4().hex}"  # cannot occur in a message: it is new for this call
-    stand_ins = [{**message, "content": f"{marker}{i}{marker}"} for i, message in enumerate(messages)]
-    template = tokenizer.apply_chat_template(stand_ins, tokenize=False, add_generation_prompt=True)
+    # an empty content stays empty: the template writes the newline before a tool call only after content
+    stand_ins = [{**message, "content": f"{marker}{i}{marker}"} if message.get("content") else message
+                 for i, message in enumerate(messages)]
+    template = tokenizer.apply_chat_template(stand_ins, tools=tools or None, tokenize=False,
+                                             add_generation_prompt=True)
     ids = []
     # split() on a capturing group alternates template text and message numbers
     for index, piece in enumerate(re.split(f"{marker}(\\d+){marker}", template)):

@@ -304,7 +304,8 @@ GOOD_SFT = {"conversations": [user("hi"), assistant("hello")]}
 
 @pytest.mark.parametrize("bad,problem", [
     ('{"conversations": [', "not valid JSON"),
-    ('{"messages": []}', 'missing key "conversations"'),
+    ('{"chat": []}', 'missing key "conversations"'),
+    ('{"messages": []}', "non-empty list"),
     (json.dumps({"conversations": [assistant("a"), user("q")]}), "roles out of order"),
     (json.dumps({"conversations": [user("q"), user("q2"), assistant("a")]}), "roles out of order"),
     (json.dumps({"conversations": [user("q"), assistant("  ")]}), "empty assistant turn"),
