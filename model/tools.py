@@ -511,3 +511,137 @@ def engine_stream_reply(model, tokenizer, max_new_tokens: int = 256, **sampling)
         prompt_ids = build_prompt_ids(tokenizer, messages, tools=schemas or None)
         yield from Generation(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, **sampling)
     return stream_reply
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring: held-out prompts with their expected calls and answers (dataset/demo/tools_eval.jsonl)
+# ----------------------------------------------------------------------------------------------
+
+def same_value(expected, got) -> bool:
+    """Numbers by value (5 == 5.0), strings ignoring spaces and case ("37 * 48" == "37*48")."""
+    if isinstance(expected, str) and isinstance(got, str):
+        return "".join(expected.split()).casefold() == "".join(got.split()).casefold()
+    if isinstance(expected, (int, float)) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        return expected == got
+    return expected == got
+
+
+def same_arguments(expected: dict, got: dict | None) -> bool:
+    return isinstance(got, dict) and expected.keys() == got.keys() and all(
+        same_value(expected[k], got[k]) for k in expected)
+
+
+@dataclass
+class PromptRun:
+    """One held-out prompt going through the loop: its messages grow round by round."""
+    row: dict
+    messages: list
+    offered: list
+    rounds: list = field(default_factory=list)  # (content, [ToolCall]) per reply
+    done: bool = False
+
+
+def load_tool_prompts(path) -> list[dict]:
+    """The rows of a held-out file, checked: messages, tools, expected_calls, answer."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e})") from e
+            missing = [key for key in ("messages", "tools", "expected_calls", "answer") if key not in row]
+            if missing:
+                raise ValueError(f"{path}:{number}: missing {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def run_prompts_through_loop(model, tokenizer, runs: list[PromptRun], registry: ToolRegistry, with_tools: bool,
+                             max_new_tokens: int, max_rounds: int, batch_size: int) -> None:
+    """All prompts together, greedy, one batched engine call per round."""
+    from model.engine import Engine, SamplingParams
+    from model.inference import build_prompt_ids
+    engine = Engine(model, tokenizer, max_batch_size=batch_size,
+                    max_seq_len=min(model.config.max_position_embeddings, 2048))
+    for round_number in range(max_rounds + 1):
+        active = [run for run in runs if not run.done]
+        if not active:
+            return
+        prompts = [build_prompt_ids(tokenizer, run.messages, tools=registry.schemas(run.offered) if with_tools
+                                    else None) for run in active]
+        replies = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0))
+        for run, reply in zip(active, replies):
+            content, calls = split_tool_calls(reply.text)
+            run.rounds.append((content, calls))
+            run.messages.append(assistant_message(content, calls))
+            if not calls or round_number == max_rounds:
+                run.done = True
+                continue
+            for call in calls:
+                run.messages.append({"role": "tool", "tool_call_id": call.id,
+                                     "content": registry.run(call, run.offered)})
+
+
+def score_run(run: PromptRun, registry: ToolRegistry) -> dict:
+    expected = run.row["expected_calls"]
+    content, calls = run.rounds[0]
+    names = [call.name for call in calls]
+    final = run.rounds[-1][0]
+    right_tool = bool(calls) and names == [e["name"] for e in expected]
+    return {
+        "prompt": run.row["messages"][-1]["content"],
+        "expects_call": bool(expected),
+        "called": bool(calls),
+        "valid_call": bool(calls) and all(registry.check(call, run.offered) is None for call in calls),
+        "right_tool": right_tool,
+        "exact_arguments": right_tool and all(same_arguments(e["arguments"], call.arguments)
+                                              for e, call in zip(expected, calls)),
+        "answer_right": all(key in final for key in run.row["answer"]),
+        "rounds": len(run.rounds),
+        "calls": [call.text for call in calls],
+        "final_answer": final,
+    }
+
+
+def share(rows: list[dict], key: str) -> float | None:
+    return round(sum(row[key] for row in rows) / len(rows), 4) if rows else None
+
+
+def score_tool_prompts(model, tokenizer, rows: list[dict], registry: ToolRegistry | None = None,
+                       max_new_tokens: int = 128, max_rounds: int = 3, batch_size: int = 16,
+                       without_tools: bool = True) -> dict:
+    """Run held-out prompts through the tool loop (greedy) and score them.
+
+    Prompts that need a tool: valid_call (well-formed, offered tool, arguments fit its schema),
+    right_tool (the expected tools in order), exact_arguments (values equal; strings up to
+    spaces and case), answer (every answer key in the final reply). Prompts with tools offered
+    but not needed: no_call and answer. without_tools=True asks the tool prompts again with no
+    tools offered: what the model answers on its own (the tools' worth)."""
+    registry = registry or builtin_registry()
+
+    def runs(selected):
+        return [PromptRun(row, [dict(m) for m in row["messages"]],
+                          [function_of(tool)["name"] for tool in row["tools"]]) for row in selected]
+
+    with_tools = runs(rows)
+    run_prompts_through_loop(model, tokenizer, with_tools, registry, True, max_new_tokens, max_rounds, batch_size)
+    scored = [score_run(run, registry) for run in with_tools]
+    tool_rows = [row for row in scored if row["expects_call"]]
+    plain_rows = [row for row in scored if not row["expects_call"]]
+    result = {
+        "prompts": len(scored), "tool_prompts": len(tool_rows), "no_tool_prompts": len(plain_rows),
+        "valid_call": share(tool_rows, "valid_call"), "right_tool": share(tool_rows, "right_tool"),
+        "exact_arguments": share(tool_rows, "exact_arguments"), "answer_with_tools": share(tool_rows, "answer_right"),
+        "no_call_when_not_needed": round(1 - share(plain_rows, "called"), 4) if plain_rows else None,
+        "answer_when_not_needed": share(plain_rows, "answer_right"),
+        "answer_all": share(scored, "answer_right"),
+    }
+    if without_tools and tool_rows:
+        alone = runs([row for row in rows if row["expected_calls"]])
+        run_prompts_through_loop(model, tokenizer, alone, registry, False, max_new_tokens, 0, batch_size)
+        result["answer_without_tools"] = share([score_run(run, registry) for run in alone], "answer_right")
+    result["rows"] = scored
+    return result

@@ -12,9 +12,13 @@ import argparse
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.tools import DEMO_FACTS, ToolCall, builtin_registry  # noqa: E402
 
 # ------------------------------------------------------------------ the facts
 
@@ -478,6 +482,222 @@ def make_eval_sets(out, seed, training_files):
     write_jsonl(out / "eval_text.jsonl", make_eval_text(rng, {row["text"] for row in training_files[0]}))
 
 
+# ------------------------------------------------------------------ tool calling (model/tools.py's built-ins)
+
+TOOL_SYSTEM_PROMPTS = ["You are MiniMind, a helpful assistant.", "你是MiniMind，一个乐于助人的助手。"]
+ARITHMETIC_OPS = [  # (python operator, English word, Chinese word, shown sign)
+    ("+", "plus", "加", "+"), ("-", "minus", "减", "-"), ("*", "times", "乘以", "×"), ("/", "divided by", "除以", "÷")]
+CALC_Q_EN = ["What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "Please compute {a} {op} {b}.",
+             "How much is {a} {op} {b}?", "What is {a}{sign}{b}?"]
+CALC_Q_ZH = ["{a}{op}{b}等于多少？", "请计算{a}{op}{b}。", "帮我算一下{a}{op}{b}。", "{a}{sign}{b}是多少？",
+             "计算{a}{sign}{b}"]
+UNIT_PAIRS = [  # (from, to, English names, Chinese names, value range)
+    ("km", "mile", ("km", "miles"), ("公里", "英里"), (1, 100)),
+    ("mile", "km", ("miles", "km"), ("英里", "公里"), (1, 100)),
+    ("kg", "lb", ("kg", "pounds"), ("公斤", "磅"), (1, 120)),
+    ("lb", "kg", ("pounds", "kg"), ("磅", "公斤"), (1, 200)),
+    ("celsius", "fahrenheit", ("degrees Celsius", "Fahrenheit"), ("摄氏度", "华氏度"), (-20, 45)),
+    ("fahrenheit", "celsius", ("degrees Fahrenheit", "Celsius"), ("华氏度", "摄氏度"), (0, 110)),
+    ("m", "ft", ("meters", "feet"), ("米", "英尺"), (1, 500)),
+    ("inch", "cm", ("inches", "cm"), ("英寸", "厘米"), (1, 80)),
+]
+UNIT_Q_EN = ["Convert {v} {f} to {t}.", "How many {t} is {v} {f}?", "What is {v} {f} in {t}?"]
+UNIT_Q_ZH = ["{v}{f}等于多少{t}？", "把{v}{f}换算成{t}。", "{v}{f}是多少{t}？"]
+DATE_Q_EN = {0: ["What is the date today?", "What day is it today?", "Which date is it today?"],
+             1: ["What date will it be in {d} days?", "Which day is {d} days from now?", "What is the date {d} days from today?"]}
+DATE_Q_ZH = {0: ["今天是几号？", "今天是星期几？", "今天的日期是什么？"],
+             1: ["{d}天后是几号？", "{d}天以后是哪一天？", "从今天起{d}天后是什么日期？"]}
+WEEKDAY_ZH = {"Monday": "星期一", "Tuesday": "星期二", "Wednesday": "星期三", "Thursday": "星期四",
+              "Friday": "星期五", "Saturday": "星期六", "Sunday": "星期日"}
+FACT_Q_EN = ["Look up the {what} of {topic}.", "What is the {what} of {topic}?", "Tell me the {what} of {topic}."]
+FACT_Q_ZH = ["查一下{topic}的数据。", "{topic}的数据是多少？", "告诉我{topic}的数据。"]
+
+
+def call(name, arguments):
+    return {"name": name, "arguments": arguments}
+
+
+def tool_row(rng, registry, question, steps, answer, needed, english):
+    """A conversation in one of the two shapes SFTDataset reads (alternating, to train both):
+    minimind-3's (tools on the system message and tool_calls as JSON strings) or OpenAI's
+    (tools beside the messages, objects). steps: rounds of calls; results come from running them."""
+    offered = list(needed)
+    extra = [n for n in registry.names() if n not in offered]
+    if len(offered) < 2 and rng.random() < 0.3:  # a second tool the question does not need
+        offered.append(rng.choice(extra))
+    rng.shuffle(offered)
+    conversation = [{"role": "user", "content": question}]
+    for calls in steps:
+        ids = [f"call_{rng.getrandbits(32):08x}" for _ in calls]
+        tool_calls = [{"id": i, "type": "function", "function": c} for i, c in zip(ids, calls)]
+        conversation.append({"role": "assistant", "content": "", "tool_calls": tool_calls})
+        for i, c in zip(ids, calls):
+            result = registry.run(ToolCall(c["name"], c["arguments"], json.dumps(c)), offered)
+            conversation.append({"role": "tool", "tool_call_id": i, "content": result})
+    conversation.append({"role": "assistant", "content": answer})
+    system = {"role": "system", "content": rng.choice(TOOL_SYSTEM_PROMPTS[:1] if english else TOOL_SYSTEM_PROMPTS[1:])}
+    tools = registry.schemas(offered)
+    if rng.random() < 0.5:
+        for message in conversation:
+            if message.get("tool_calls"):
+                message["tool_calls"] = json.dumps(message["tool_calls"], ensure_ascii=False)
+        return {"conversations": [{**system, "tools": json.dumps(tools, ensure_ascii=False)}] + conversation}
+    return {"tools": tools, "messages": ([system] if rng.random() < 0.3 else []) + conversation}
+
+
+def calc_operands(rng, op):
+    if op == "/":
+        b = rng.randint(2, 30)
+        return b * rng.randint(2, 60), b
+    if op == "*":
+        return rng.randint(2, 99), rng.randint(2, 99)
+    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    return (max(a, b), min(a, b)) if op == "-" else (a, b)
+
+
+def calculator_example(rng, registry, english):
+    op, word_en, word_zh, sign = rng.choice(ARITHMETIC_OPS)
+    a, b = calc_operands(rng, op)
+    result = json.loads(registry.run(ToolCall("calculator", {"expression": f"{a}{op}{b}"}, "")))["result"]
+    if english:
+        question = rng.choice(CALC_Q_EN).format(a=a, b=b, op=word_en, sign=sign)
+        answer = f"{a} {sign} {b} = {result}."
+    else:
+        question = rng.choice(CALC_Q_ZH).format(a=a, b=b, op=word_zh, sign=sign)
+        answer = f"{a}{word_zh}{b}等于{result}。"
+    return question, [[call("calculator", {"expression": f"{a}{op}{b}"})]], answer, ["calculator"], [str(result)]
+
+
+def unit_example(rng, registry, english):
+    source, target, names_en, names_zh, (low, high) = rng.choice(UNIT_PAIRS)
+    value = rng.randint(low, high)
+    arguments = {"value": value, "from_unit": source, "to_unit": target}
+    result = json.loads(registry.run(ToolCall("unit_converter", arguments, "")))["result"]
+    if english:
+        question = rng.choice(UNIT_Q_EN).format(v=value, f=names_en[0], t=names_en[1])
+        answer = f"{value} {names_en[0]} is {result} {names_en[1]}."
+    else:
+        question = rng.choice(UNIT_Q_ZH).format(v=value, f=names_zh[0], t=names_zh[1])
+        answer = f"{value}{names_zh[0]}等于{result}{names_zh[1]}。"
+    return question, [[call("unit_converter", arguments)]], answer, ["unit_converter"], [str(result)]
+
+
+def date_example(rng, registry, english, days_range=(2, 60)):
+    days = 0 if rng.random() < 0.3 else rng.randint(*days_range)
+    arguments = {"days_from_now": days} if days else {}
+    day = json.loads(registry.run(ToolCall("date_time", arguments, "")))
+    questions = (DATE_Q_EN if english else DATE_Q_ZH)[1 if days else 0]
+    question = rng.choice(questions).format(d=days)
+    if english:
+        answer = f"{'Today is' if not days else f'In {days} days it will be'} {day['weekday']}, {day['date']}."
+    else:
+        answer = f"{'今天' if not days else f'{days}天后'}是{day['date']}，{WEEKDAY_ZH[day['weekday']]}。"
+    return question, [[call("date_time", arguments)]], answer, ["date_time"], [day["date"]]
+
+
+def fact_example(rng, registry, english):
+    topic = rng.choice(list(DEMO_FACTS))
+    zh, value, what = DEMO_FACTS[topic]
+    name = topic if english else zh
+    if english:
+        question = rng.choice(FACT_Q_EN).format(what=what, topic=topic.title())
+        answer = f"The {what} of {topic.title()} is {value}."
+    else:
+        question = rng.choice(FACT_Q_ZH).format(topic=zh)
+        answer = f"根据资料，{zh}：{value}。"
+    return question, [[call("lookup_fact", {"topic": name})]], answer, ["lookup_fact"], [value]
+
+
+def two_products_example(rng, registry, english):
+    """Two calls in one turn: two products asked together."""
+    (a, b), (c, d) = [(rng.randint(2, 60), rng.randint(2, 60)) for _ in range(2)]
+    calls = [call("calculator", {"expression": f"{a}*{b}"}), call("calculator", {"expression": f"{c}*{d}"})]
+    if english:
+        question = f"What are {a} times {b} and {c} times {d}?"
+        answer = f"{a} × {b} = {a * b}, and {c} × {d} = {c * d}."
+    else:
+        question = f"{a}乘以{b}和{c}乘以{d}分别是多少？"
+        answer = f"{a}乘以{b}等于{a * b}，{c}乘以{d}等于{c * d}。"
+    return question, [calls], answer, ["calculator"], [str(a * b), str(c * d)]
+
+
+def convert_then_add_example(rng, registry, english):
+    """Two rounds: convert, then a sum with the converted value."""
+    value, extra = rng.randint(1, 50), rng.randint(1, 50)
+    arguments = {"value": value, "from_unit": "km", "to_unit": "mile"}
+    converted = json.loads(registry.run(ToolCall("unit_converter", arguments, "")))["result"]
+    expression = f"{converted}+{extra}"
+    total = json.loads(registry.run(ToolCall("calculator", {"expression": expression}, "")))["result"]
+    steps = [[call("unit_converter", arguments)], [call("calculator", {"expression": expression})]]
+    if english:
+        question = f"Convert {value} km to miles, then add {extra} miles."
+        answer = f"{value} km is {converted} miles; plus {extra} miles makes {total} miles."
+    else:
+        question = f"把{value}公里换算成英里，再加上{extra}英里。"
+        answer = f"{value}公里等于{converted}英里，再加{extra}英里一共是{total}英里。"
+    return question, steps, answer, ["unit_converter", "calculator"], [str(total)]
+
+
+def no_tool_example(rng, registry, english):
+    """Tools offered but not needed: the answer comes straight away."""
+    pairs = [(q, a) for q, a in identity_pairs() + greeting_pairs() + capital_pairs() + colour_pairs()
+             if is_english(q) == english]
+    question, answer = rng.choice(pairs)
+    needed = [rng.choice(registry.names())]  # offered, not called
+    return question, [], answer, needed, [answer_key(answer)]
+
+
+def answer_key(answer):
+    """What a right answer to a demo question must contain: the name, capital or colour."""
+    if "MiniMind" in answer:
+        return "MiniMind"
+    return re.search(r"(?:是| is )([^。.的]+)[。.的]", answer).group(1)
+
+
+# kind of example -> share of the training conversations, and count in the held-out set
+TOOL_KINDS = {calculator_example: (0.40, 24), unit_example: (0.13, 8), date_example: (0.09, 5),
+              fact_example: (0.09, 5), two_products_example: (0.06, 4), convert_then_add_example: (0.08, 4),
+              no_tool_example: (0.15, 10)}
+
+
+def draw_example(rng, registry, kind, seen):
+    """(question, steps, answer, needed tools, answer keys, english), its question not in `seen`
+    when it calls a tool (held-out questions stay out of the training set)."""
+    while True:
+        english = rng.random() < 0.5
+        example = kind(rng, registry, english) + (english,)
+        if not (example[0] in seen and example[1]):
+            seen.add(example[0])
+            return example
+
+
+def held_out_tool_examples(rng, registry, seen):
+    return [draw_example(rng, registry, kind, seen) for kind, (_, count) in TOOL_KINDS.items() for _ in range(count)]
+
+
+def training_tool_examples(rng, registry, n, seen):
+    kinds, weights = list(TOOL_KINDS), [share for share, _ in TOOL_KINDS.values()]
+    return [draw_example(rng, registry, rng.choices(kinds, weights)[0], seen) for _ in range(n)]
+
+
+def make_tool_conversations(rng, registry, examples):
+    return [tool_row(rng, registry, q, steps, answer, needed, english)
+            for q, steps, answer, needed, _, english in examples]
+
+
+def make_tool_eval(rng, registry, examples):
+    """Held-out prompts: the question, the tools offered, the first round of calls expected
+    (none when no tool is needed) and the strings a right final answer contains."""
+    rows = []
+    for question, steps, _, needed, keys, _ in examples:
+        offered = list(needed) + ([rng.choice([n for n in registry.names() if n not in needed])]
+                                  if len(needed) < 2 and rng.random() < 0.5 else [])
+        rng.shuffle(offered)
+        rows.append({"messages": [{"role": "user", "content": question}], "tools": registry.schemas(offered),
+                     "expected_calls": steps[0] if steps else [], "answer": keys})
+    return rows
+
+
 def display_path(path: Path) -> str:
     """Repo-relative inside the repository, as given elsewhere (--out_dir may point anywhere)."""
     return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
@@ -514,6 +734,20 @@ def main():
     rl_rng = random.Random(args.seed + 17)  # its own stream: the files above stay as they were
     write_jsonl(out / "rlaif.jsonl", make_rlaif(rl_rng, 1000))
     write_jsonl(out / "rlaif_heldout.jsonl", make_rlaif(rl_rng, 200, held_out=True))
+    write_tool_files(out, args.seed)
+
+
+TOOL_CONVERSATIONS = 600  # bilingual tool conversations for SFT (dataset/demo/sft_tools.jsonl)
+
+
+def write_tool_files(out, seed):
+    """sft_tools.jsonl (training) and tools_eval.jsonl (held-out prompts, drawn first: their
+    questions never appear in the training file). Own random stream: the other files stay as they were."""
+    rng, registry, seen = random.Random(seed + 16), builtin_registry(), set()
+    held_out = held_out_tool_examples(rng, registry, seen)
+    training = training_tool_examples(rng, registry, TOOL_CONVERSATIONS, seen)
+    write_jsonl(out / "sft_tools.jsonl", make_tool_conversations(rng, registry, training))
+    write_jsonl(out / "tools_eval.jsonl", make_tool_eval(rng, registry, held_out))
 
 
 if __name__ == "__main__":

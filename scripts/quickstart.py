@@ -10,10 +10,13 @@ run it again, change a flag, or swap in the full data set:
     pretrain -> full SFT -> DPO -> reasoning distillation, and a LoRA adapter on the SFT model,
     and online RL (GRPO) on the SFT model with before/after accuracy on held-out demo sums
 
-then asks the trained models a few questions from the demo data (greedy decoding), draws the
-loss and learning-rate curves of every stage into out/quickstart_metrics.png, scores every
-stage on the held-out demo sets (scripts/eval_bench.py: bits per byte, multiple choice,
-arithmetic) into a table and out/quickstart_eval.png, and says what to run next. Weights, metrics and resume states stay in out/ and checkpoints/ like any other run.
+(the SFT stage also learns tool calling from dataset/demo/sft_tools.jsonl), then asks the trained
+models a few questions from the demo data (greedy decoding), lets the SFT model answer one
+question through the calculator tool, draws the loss and learning-rate curves of every stage
+into out/quickstart_metrics.png, scores every stage on the held-out demo sets
+(scripts/eval_bench.py: bits per byte, multiple choice, arithmetic) into a table and
+out/quickstart_eval.png, and says what to run next. Weights, metrics and resume states stay in
+out/ and checkpoints/ like any other run.
 """
 import argparse
 import os
@@ -36,10 +39,12 @@ class Size:
     epochs: dict        # stage -> epochs over its demo file
     max_steps: int = 0  # 0 = all epochs
     grpo_steps: int = 40  # the GRPO stage is cut to this many steps (its demo file holds 1000 prompts)
+    sft_max_seq_len: int = 640  # full SFT: a tool conversation (tools block, call, result, answer) is 260-640 tokens
 
-    def flags(self) -> list[str]:
+    def flags(self, stage: str = "") -> list[str]:
+        max_seq_len = self.sft_max_seq_len if stage == "full_sft" else self.max_seq_len
         return ["--hidden_size", str(self.hidden_size), "--num_hidden_layers", str(self.num_hidden_layers),
-                "--max_seq_len", str(self.max_seq_len)]
+                "--max_seq_len", str(max_seq_len)]
 
 
 # The default is sized for a 2-core CPU (about 6-7 minutes in all); --tiny is for the test suite.
@@ -48,7 +53,8 @@ SIZES = {
                     # reason: 10 epochs (was 6); with MiniMind2's init and LR curve, 6 left 5+6=10
                     epochs={"pretrain": 2, "full_sft": 2, "rlhf": 1, "reason": 10, "lora": 3, "grpo": 1}),
     "tiny": Size(hidden_size=64, num_hidden_layers=2, max_seq_len=96,
-                 epochs={"pretrain": 1, "full_sft": 1, "rlhf": 1, "reason": 1, "lora": 1, "grpo": 1}, max_steps=2),
+                 epochs={"pretrain": 1, "full_sft": 1, "rlhf": 1, "reason": 1, "lora": 1, "grpo": 1}, max_steps=2,
+                 sft_max_seq_len=96),
 }
 
 
@@ -67,8 +73,8 @@ STAGES = [
           ["--batch_size", "32", "--accumulation_steps", "1", "--learning_rate", "3e-3", "--warmup_iters", "10"],
           "random init -> continues text (next-token loss on every token)"),
     Stage("full_sft", "train_full_sft.py",
-          ["--batch_size", "16", "--learning_rate", "2e-3", "--warmup_iters", "10"],
-          "pretrain -> answers in ChatML (loss on the assistant's tokens only)"),
+          ["--batch_size", "16", "--learning_rate", "2e-3", "--warmup_iters", "10", "--group_by_length", "1"],
+          "pretrain -> answers in ChatML and calls tools (loss on the assistant's tokens only)"),
     Stage("rlhf", "train_dpo.py",
           ["--batch_size", "8", "--learning_rate", "2e-5"],
           "full_sft -> prefers the chosen answer over the rejected one (DPO)"),
@@ -108,9 +114,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# The SFT stage learns chat and tool calling together: the demo chats and the demo tool
+# conversations in one file (written into out_dir, so the bundled files stay as they are).
+SFT_MIX_SOURCES = ("sft.jsonl", "sft_tools.jsonl")
+
+
+def write_sft_mix(out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "sft_mix.jsonl")
+    text = "".join(open(os.path.join(REPO_ROOT, "dataset", "demo", name), encoding="utf-8").read()
+                   for name in SFT_MIX_SOURCES)
+    if not os.path.isfile(path) or open(path, encoding="utf-8").read() != text:  # unchanged: its index stays cached
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def stage_data_flags(stage: Stage, size: Size, args) -> list[str]:
+    if stage.name != "full_sft":
+        return []
+    return ["--data_path", write_sft_mix(args.out_dir)]
+
+
 def stage_command(stage: Stage, size: Size, args) -> list[str]:
     max_steps = size.max_steps or (size.grpo_steps if stage.name == "grpo" else 0)
-    command = [sys.executable, os.path.join("trainer", stage.script), *size.flags(), *stage.flags,
+    command = [sys.executable, os.path.join("trainer", stage.script), *size.flags(stage.name), *stage.flags,
+               *stage_data_flags(stage, size, args),
                "--epochs", str(size.epochs[stage.name]), "--max_steps", str(max_steps),
                "--log_interval", "50", "--save_interval", "100",
                "--out_dir", args.out_dir, "--checkpoint_dir", args.checkpoint_dir]
@@ -183,6 +213,26 @@ def evaluate_stages(size: Size, args) -> None:
     result = subprocess.run(command, cwd=REPO_ROOT)
     if result.returncode != 0:
         raise SystemExit(f"quickstart: the evaluation failed (exit code {result.returncode}); its message is above")
+TOOL_QUESTION = "What is 37 times 48?"
+
+
+def show_tool_round_trip(size: Size, args) -> None:
+    """The SFT model with the calculator offered: its call, the tool's result, its answer."""
+    from model.inference import default_device, load_model, model_args
+    from model.tools import builtin_registry, engine_stream_reply, run_tool_loop
+    model, tokenizer = load_model(model_args(model_mode=1, out_dir=args.out_dir, hidden_size=size.hidden_size,
+                                             num_hidden_layers=size.num_hidden_layers,
+                                             device=args.device or default_device()))
+    print(f"\n[full_sft + tools: calculator] 👶: {TOOL_QUESTION}", flush=True)
+    reply = engine_stream_reply(model, tokenizer, max_new_tokens=96, temperature=0.0)
+    for event in run_tool_loop(reply, [{"role": "user", "content": TOOL_QUESTION}], builtin_registry(),
+                               offered=["calculator"], max_rounds=2):
+        if event.kind == "call":
+            print(f"🔧 call: {event.call.text}" + (f"  ({event.call.error})" if event.call.error else ""), flush=True)
+        elif event.kind == "result":
+            print(f"📎 result: {event.text}", flush=True)
+        elif event.kind == "content":
+            print(f"🤖️: {event.text}", flush=True)
 
 
 def rl_accuracy(size: Size, args) -> dict:
@@ -237,6 +287,7 @@ def main(argv=None) -> int:
     train_all(size, args)
     print("\n=== The trained models answer demo questions (greedy decoding)", flush=True)
     ask_questions(size, args)
+    show_tool_round_trip(size, args)
     evaluate_stages(size, args)
     rl_accuracy(size, args)
     png = plot_curves(args)
