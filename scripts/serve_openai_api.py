@@ -6,7 +6,7 @@
 Any OpenAI client works against it (the `openai` SDK, Open-WebUI, FastGPT, Dify, curl,
 lm-evaluation-harness's local-completions):
     POST /v1/chat/completions   messages, n, temperature, top_p, max_tokens, stream, stop, seed,
-                                presence/frequency_penalty, logprobs, top_logprobs
+                                presence/frequency_penalty, logprobs, top_logprobs, tools, tool_choice
     POST /v1/completions        the legacy API: prompt (text, token ids, or a list), echo, logprobs
     GET  /v1/models, GET /health
 
@@ -15,6 +15,13 @@ tokenized as it arrives, then handed to one engine thread (model/engine.py's Eng
 decodes all running replies together, one token each per step. A new request joins at the next
 step and leaves when its reply ends or its client disconnects. At most --max_batch_size replies
 run together; up to --max_queue more wait, and beyond that a request is answered 429.
+
+Tools (as OpenAI): `tools` are listed in the prompt in minimind-3's format (model/tools.py); a
+reply with <tool_call> blocks comes back as message.tool_calls with finish_reason "tool_calls"
+(streamed as tool_calls deltas); the client runs the tools and sends the results back as
+`role: "tool"` messages. tool_choice: "auto" (default), "none" (the tools are left out of the
+prompt), "required" or {"type": "function", "function": {"name": ...}}: the reply is started
+with the call's opening text, so the model must call (that) tool. The server runs no tool.
 """
 import argparse
 import asyncio
@@ -22,6 +29,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -41,9 +49,11 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from model.engine import Engine, EngineLoop, IncrementalDecoder, QueueFull, SamplingParams, StepOutput
 from model.inference import (ENCODE_LOCK, ReasoningSplitter, add_model_args, build_prompt_ids,
                              load_model_or_exit)
+from model.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, ToolCallStream
 
 log = logging.getLogger("uvicorn.error")  # uvicorn prints this logger's lines next to its own
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its legacy API allows 5; we allow 20 there too)
 DEFAULT_CONTEXT_LENGTH = 512  # the trainers' --max_seq_len: what the models have seen
@@ -75,8 +85,6 @@ def error_response(error: APIError) -> JSONResponse:
 # 400 rather than a reply that silently ignores what it asked for. (null / empty values pass.)
 UNSUPPORTED = {
     "logit_bias": "logit_bias is not supported",
-    "tools": "tool calling is not supported by this server",
-    "tool_choice": "tool calling is not supported by this server",
     "functions": "function calling is not supported by this server",
     "function_call": "function calling is not supported by this server",
     "audio": "audio output is not supported (this model reads and writes text)",
@@ -88,7 +96,7 @@ UNSUPPORTED = {
 NO_EFFECT = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 CHAT_FIELDS = {"model", "messages", "n", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                "temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
-               "seed", "logprobs", "top_logprobs", "response_format", "modalities"}
+               "seed", "logprobs", "top_logprobs", "response_format", "modalities", "tools", "tool_choice"}
 COMPLETION_FIELDS = {"model", "prompt", "n", "best_of", "stream", "stream_options", "max_tokens", "temperature",
                      "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "seed",
                      "logprobs", "echo"}
@@ -103,6 +111,8 @@ class GenerationRequest:
     include_usage: bool
     max_tokens_given: bool
     messages: list[dict] = field(default_factory=list)  # chat
+    tools: list[dict] | None = None  # chat: the function schemas listed in the prompt (None: no tools)
+    reply_prefix: str = ""  # chat: text the reply is started with (tool_choice "required" or a named function)
     prompts: list = field(default_factory=list)  # completions: strings or token-id lists
     echo: bool = False
 
@@ -162,32 +172,124 @@ def message_text(content, index: int) -> str:
                         f"(this model reads text only)", param=f"messages[{index}].content", code="invalid_type")
 
 
+def parse_tool_calls(calls, index: int) -> list[dict]:
+    """An assistant message's tool_calls, with the arguments re-written as json.dumps writes them
+    (the form the model was trained on)."""
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list) or not calls:
+        raise APIError(400, f"{where} must be a non-empty list", param=where, code="invalid_value")
+    parsed = []
+    for n, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call.get("id") if isinstance(call, dict) else None, str) or not isinstance(function, dict) \
+                or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
+            raise APIError(400, f"{where}[{n}] must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                                f"\"arguments\": a JSON string}}}}", param=f"{where}[{n}]", code="invalid_value")
+        try:
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"{where}[{n}].function.arguments is not valid JSON ({e})",
+                           param=f"{where}[{n}].function.arguments", code="invalid_value") from e
+        parsed.append({"id": call["id"], "type": "function",
+                       "function": {"name": function["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}})
+    return parsed
+
+
+# which message may follow which ("assistant+calls": an assistant message with tool_calls)
+NEXT_ROLES = {"start": ("user",), "user": ("assistant",), "assistant": ("user",),
+              "assistant+calls": ("tool",), "tool": ("tool", "assistant")}
+
+
+def parse_message(message, index: int, state: str) -> tuple[dict, str]:
+    """One checked message in the template's shape, and the state after it."""
+    if not isinstance(message, dict):
+        raise APIError(400, f"messages[{index}] must be an object with 'role' and 'content'",
+                       param=f"messages[{index}]")
+    role = message.get("role")
+    if role not in ROLES:
+        raise APIError(400, f"messages[{index}].role is {json.dumps(role)}; it must be one of {', '.join(ROLES)}",
+                       param=f"messages[{index}].role", code="invalid_value")
+    expected = ("system", "user") if index == 0 else NEXT_ROLES[state]
+    if role not in expected:
+        raise APIError(400, f"messages[{index}] is from {role!r} but {' or '.join(map(repr, expected))} was expected: "
+                            f"after an optional first system message, user and assistant messages must alternate, "
+                            f"starting with user; tool messages answer an assistant message's tool_calls",
+                       param=f"messages[{index}].role", code="invalid_message_order")
+    if role == "assistant" and message.get("tool_calls"):
+        content = "" if message.get("content") is None else message_text(message.get("content"), index)
+        return {"role": role, "content": content,
+                "tool_calls": parse_tool_calls(message["tool_calls"], index)}, "assistant+calls"
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+        raise APIError(400, f"messages[{index}].tool_call_id is required: the id of the call this result answers",
+                       param=f"messages[{index}].tool_call_id", code="missing_required_parameter")
+    checked = {"role": role, "content": message_text(message.get("content"), index)}
+    if role == "tool":
+        checked["tool_call_id"] = message["tool_call_id"]
+    return checked, ("start" if role == "system" else role)
+
+
 def parse_messages(messages) -> list[dict]:
     """Checked messages: an optional system message first, then user and assistant taking turns,
-    starting and ending with the user (the shape of MiniMind's chat training data)."""
+    starting with the user; an assistant message with tool_calls is followed by the tool results
+    (role "tool", one per call id). The last message is the user's or a tool result."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects",
                        param="messages", code="invalid_value")
-    checked = []
+    checked, state, call_ids = [], "start", set()
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]")
-        role = message.get("role")
-        if role not in ROLES:
-            raise APIError(400, f"messages[{i}].role is {json.dumps(role)}; it must be one of {', '.join(ROLES)}",
-                           param=f"messages[{i}].role", code="invalid_value")
-        checked.append({"role": role, "content": message_text(message.get("content"), i)})
-    dialogue_start = 1 if checked[0]["role"] == "system" else 0
-    for i, message in enumerate(checked[dialogue_start:], start=dialogue_start):
-        expected = "user" if (i - dialogue_start) % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise APIError(400, f"messages[{i}] is from {message['role']!r} but {expected!r} was expected: after an "
-                                f"optional first system message, user and assistant messages must alternate, "
-                                f"starting with user", param=f"messages[{i}].role", code="invalid_message_order")
-    if checked[-1]["role"] != "user":
-        raise APIError(400, "the last message must be from the user (there is no question to answer)",
+        parsed, state = parse_message(message, i, state)
+        if state == "assistant+calls":
+            call_ids = {call["id"] for call in parsed["tool_calls"]}
+        elif state == "tool" and parsed["tool_call_id"] not in call_ids:
+            raise APIError(400, f"messages[{i}].tool_call_id {parsed['tool_call_id']!r} is not the id of a call in "
+                                f"the assistant message before it", param=f"messages[{i}].tool_call_id",
+                           code="invalid_value")
+        checked.append(parsed)
+    if checked[-1]["role"] not in ("user", "tool"):
+        raise APIError(400, "the last message must be from the user or a tool result (there is nothing to answer)",
                        param="messages", code="invalid_message_order")
     return checked
+
+
+def parse_tools(tools) -> list[dict] | None:
+    """The request's function tools as the template lists them ({"type", "function"})."""
+    if tools in (None, []):
+        return None
+    if not isinstance(tools, list):
+        raise APIError(400, "'tools' must be a list of {\"type\": \"function\", \"function\": {...}} objects",
+                       param="tools", code="invalid_type")
+    parsed = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict) \
+                or not isinstance(function.get("name"), str) or not FUNCTION_NAME.match(function["name"]):
+            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} with a "
+                                f"name of letters, digits, _ or - (at most 64)", param=f"tools[{i}]",
+                           code="invalid_value")
+        kept = {key: function[key] for key in ("name", "description", "parameters") if key in function}
+        parsed.append({"type": "function", "function": kept})
+    return parsed
+
+
+def parse_tool_choice(choice, tools: list[dict] | None) -> tuple[list[dict] | None, str]:
+    """(the tools listed in the prompt, the text the reply starts with) for tool_choice."""
+    names = [tool["function"]["name"] for tool in tools or []]
+    if choice in (None, "auto"):
+        return tools, ""
+    if choice == "none":
+        return None, ""
+    if not tools:
+        raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice", code="invalid_value")
+    # the prefixes end where a token ends in the trained text (before ' "' and ' {'), so the
+    # model's next token is one it has learned to write there
+    if choice == "required":
+        return tools, f'{TOOL_CALL_OPEN}\n{{"name":'
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if not isinstance(function, dict) or function.get("name") not in names:
+        raise APIError(400, f"'tool_choice' must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
+                            f"\"function\": {{\"name\": one of {', '.join(names)}}}}}", param="tool_choice",
+                       code="invalid_value")
+    return tools, f'{TOOL_CALL_OPEN}\n{{"name": "{function["name"]}", "arguments":'
 
 
 def parse_stop(stop) -> tuple[str, ...]:
@@ -243,6 +345,7 @@ def parse_chat_request(body: dict, settings) -> GenerationRequest:
     token_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     request = parse_common(body, settings, logprobs, top_logprobs, token_field=token_field)
     request.messages = parse_messages(body.get("messages"))
+    request.tools, request.reply_prefix = parse_tool_choice(body.get("tool_choice"), parse_tools(body.get("tools")))
     return request
 
 
@@ -379,8 +482,11 @@ class Server:
             self.relay = OutputRelay(loop)
         return self.relay
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        ids = build_prompt_ids(self.tokenizer, messages, self.raw_prompts)
+    def chat_prompt_ids(self, request: GenerationRequest) -> list[int]:
+        ids = build_prompt_ids(self.tokenizer, request.messages, self.raw_prompts, tools=request.tools)
+        if request.reply_prefix:  # template text (a checked function name): its tags are the tag tokens
+            with ENCODE_LOCK:
+                ids += self.tokenizer(request.reply_prefix, add_special_tokens=False)["input_ids"]
         self.check_length(ids, "messages", "Send fewer or shorter messages.")
         return ids
 
@@ -477,27 +583,70 @@ def sse(body: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 class ChatChoice:
-    """One reply's text split into reasoning and answer, and its logprobs entries."""
+    """One reply's text split into reasoning, answer and tool calls, and its logprobs entries.
 
-    def __init__(self):
+    With tools, the answer goes through a ToolCallStream: a well-formed call of an offered
+    function becomes a ("call", ToolCall) piece; anything else in <tool_call> tags (bad JSON, a
+    function that was not offered) stays in the content as the model wrote it."""
+
+    def __init__(self, tool_names: list[str] | None = None, reply_prefix: str = ""):
         self.splitter = ReasoningSplitter()
+        self.tool_names = tool_names
+        self.tool_stream = ToolCallStream() if tool_names is not None else None
         self.parts = {"reasoning": "", "content": ""}
+        self.calls: list[ToolCall] = []
         self.logprobs: list[dict] = []
+        self.pending = self.route(self.splitter.feed(reply_prefix)) if reply_prefix else []
 
     def add(self, output: StepOutput, tokens: TokenTexts) -> tuple[list, list]:
-        """(pieces of text now certain as (kind, text), logprobs entries) for this output."""
+        """(pieces now certain as (kind, text or ToolCall), logprobs entries) for this output."""
         entries = []
         stop_token = output.token_id in output.sequence.params.stop_token_ids  # OpenAI leaves it out
         if output.token_id is not None and output.logprob is not None and not stop_token:
             top = output.top_logprobs if output.sequence.params.top_logprobs else []
             entries.append(tokens.chat_entry(output.token_id, output.logprob, top))
-        pieces = self.splitter.feed(output.text)
+        pieces, self.pending = self.pending + self.route(self.splitter.feed(output.text)), []
         if output.finish_reason is not None:
-            pieces += self.splitter.flush()
-        for kind, text in pieces:
-            self.parts[kind] += text
+            pieces += self.route(self.splitter.flush(), end=True)
+        for kind, value in pieces:
+            if kind == "call":
+                self.calls.append(value)
+            else:
+                self.parts[kind] += value
         self.logprobs += entries
         return pieces, entries
+
+    def route(self, pieces: list, end: bool = False) -> list:
+        if self.tool_stream is None:
+            return pieces
+        routed = []
+        for kind, text in pieces:
+            routed += [(kind, text)] if kind != "content" else self.tool_events(self.tool_stream.feed(text))
+        return routed + (self.tool_events(self.tool_stream.flush()) if end else [])
+
+    def tool_events(self, events: list) -> list:
+        routed = []
+        for kind, value in events:
+            if kind == "call" and (value.error or value.name not in self.tool_names):
+                kind, value = "content", f"{TOOL_CALL_OPEN}\n{value.text}\n{TOOL_CALL_CLOSE}"  # as written
+            routed.append((kind, value))
+        return routed
+
+    def finish_reason(self, sequence) -> str:
+        return "tool_calls" if self.calls and sequence.finish_reason == "stop" else sequence.finish_reason
+
+    def message(self) -> dict:
+        message = {"role": "assistant", "content": self.parts["content"] or (None if self.calls else "")}
+        if self.parts["reasoning"]:
+            message["reasoning_content"] = self.parts["reasoning"]
+        if self.calls:
+            message["tool_calls"] = [call.as_openai() for call in self.calls]
+        return message
+
+
+def chat_choices(replies: list, request: GenerationRequest) -> dict:
+    names = [tool["function"]["name"] for tool in request.tools] if request.tools else None
+    return {sequence: ChatChoice(names, request.reply_prefix) for sequence in replies}
 
 
 async def chat_stream(server: Server, queue, replies, request_id: str, model_name: str, prompt_tokens: int,
@@ -514,7 +663,7 @@ async def chat_stream(server: Server, queue, replies, request_id: str, model_nam
                     "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                  "finish_reason": finish_reason}]})
 
-    choices = {sequence: ChatChoice() for sequence in replies}
+    choices = chat_choices(replies, request)
     index_of = {sequence: i for i, sequence in enumerate(replies)}
     for i in range(len(replies)):
         yield chunk(i, {"role": "assistant", "content": ""})
@@ -524,16 +673,21 @@ async def chat_stream(server: Server, queue, replies, request_id: str, model_nam
             if output.finish_reason == "error":
                 yield "".join(events) + sse(engine_error(output).body())
                 return
-            index = index_of[output.sequence]
-            pieces, entries = choices[output.sequence].add(output, server.tokens)
+            index, choice = index_of[output.sequence], choices[output.sequence]
+            calls_before = len(choice.calls)
+            pieces, entries = choice.add(output, server.tokens)
             logprobs = {"content": entries, "refusal": None} if entries else None
-            for n, (kind, text) in enumerate(pieces):
-                field_name = "reasoning_content" if kind == "reasoning" else "content"
-                events.append(chunk(index, {field_name: text}, logprobs=logprobs if n == 0 else None))
+            for n, (kind, value) in enumerate(pieces):
+                if kind == "call":  # the whole call in one delta: the client's accumulator joins nothing
+                    delta = {"tool_calls": [{"index": calls_before, **value.as_openai()}]}
+                    calls_before += 1
+                else:
+                    delta = {"reasoning_content" if kind == "reasoning" else "content": value}
+                events.append(chunk(index, delta, logprobs=logprobs if n == 0 else None))
             if entries and not pieces:
                 events.append(chunk(index, {"content": ""}, logprobs=logprobs))
             if output.finish_reason is not None:
-                events.append(chunk(index, {}, output.finish_reason))
+                events.append(chunk(index, {}, choice.finish_reason(output.sequence)))
         if events:
             yield "".join(events)
     if request.include_usage:
@@ -544,7 +698,7 @@ async def chat_stream(server: Server, queue, replies, request_id: str, model_nam
 
 async def chat_whole(server: Server, queue, replies, request_id: str, model_name: str, prompt_tokens: int,
                      request: GenerationRequest) -> JSONResponse:
-    choices = {sequence: ChatChoice() for sequence in replies}
+    choices = chat_choices(replies, request)
     async for output in outputs_until_done(queue, replies):
         if output.finish_reason == "error":
             raise engine_error(output)
@@ -552,12 +706,9 @@ async def chat_whole(server: Server, queue, replies, request_id: str, model_name
     answers = []
     for index, sequence in enumerate(replies):
         choice = choices[sequence]
-        message = {"role": "assistant", "content": choice.parts["content"]}
-        if choice.parts["reasoning"]:
-            message["reasoning_content"] = choice.parts["reasoning"]
         logprobs = {"content": choice.logprobs, "refusal": None} if request.params.logprobs else None
-        answers.append({"index": index, "message": message, "logprobs": logprobs,
-                        "finish_reason": sequence.finish_reason})
+        answers.append({"index": index, "message": choice.message(), "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason(sequence)})
     return JSONResponse({"id": request_id, "object": "chat.completion", "created": int(time.time()),
                          "model": model_name, "system_fingerprint": None, "choices": answers,
                          "usage": usage(prompt_tokens, replies)})
@@ -698,7 +849,7 @@ def create_app(server: Server) -> FastAPI:
     async def chat_completions(request: Request):
         check_api_key(request)
         req = parse_chat_request(parse_json_body(await request.body()), settings)
-        prompt_ids = server.chat_prompt_ids(req.messages)
+        prompt_ids = server.chat_prompt_ids(req)
         queue, replies = asyncio.Queue(), []
         server.start(prompt_ids, req, queue, replies)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
