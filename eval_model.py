@@ -5,22 +5,29 @@
     python eval_model.py --lora_name lora_identity           # full_sft + a LoRA adapter
     python eval_model.py --load 1 --hf_path MiniMind2        # a transformers folder
     python eval_model.py --prompt "你好" --temperature 0      # answer once and exit (scripting)
+    python eval_model.py --tools 1 --prompt "What is 37 times 48?"   # with the built-in tools
 
 Replies stream token by token. The weights file is {out_dir}/{stage}_{hidden}{_moe}.pth with
 the stage chosen by --model_mode; the size flags must be the ones the model was trained with.
 The auto test asks a model trained on the bundled demo data (its {name}_run.json says so)
 questions from the demo facts, and any other model MiniMind2's general questions.
+
+--tools 1 offers the built-in tools of model/tools.py (calculator, unit_converter, date_time,
+lookup_fact): the model's calls are run and shown (🔧 call, 📎 result) and it answers from the
+results, up to --max_tool_rounds rounds of calls per question.
 """
 import argparse
 import json
 import os
 import random
 import sys
+from datetime import datetime
 
 from model.checkpoint import STAGE_OF_MODEL_MODE, run_name
 from model.command_line import ArgumentParser, check_size_flags
 from model.inference import (Generation, add_model_args, build_prompt_ids, count_parameters, load_model_or_exit,
                              lora_name_of, trim_history)
+from model.tools import builtin_registry, engine_stream_reply, print_tool_loop, run_tool_loop
 
 # Built-in prompts for the auto test ([0] in the menu), one list per kind of model.
 CONTINUATION_PROMPTS = [  # the pretrain model only continues text
@@ -54,6 +61,8 @@ DEMO_REASONING_PROMPTS = [
     "小明有5个苹果，妈妈又给了他6个，小明现在有几个苹果？",
     "小华有3个苹果，妈妈又给了他6个，小华现在有几个苹果？",
 ]
+DEMO_TOOL_PROMPTS = ["What is 37 times 48?", "请计算125加389。", "Convert 10 km to miles.", "今天是几号？",
+                     "珠穆朗玛峰的数据是多少？", "你是谁？"]
 DEMO_LORA_PROMPTS = {"lora_identity": ["你是谁？", "Who are you?"], "lora_medical": ["我头痛，怎么办？", "失眠有什么办法？"]}
 QUIT_WORDS = ("exit", "quit")
 
@@ -86,9 +95,22 @@ def parse_args(argv=None):
     parser.add_argument("--history_cnt", type=int, default=0,
                         help="earlier turns (question + answer pairs) kept in the prompt; 0 = each question alone")
     parser.add_argument("--seed", type=int, default=None, help="fix the sampling for reproducible replies")
+    parser.add_argument("--tools", type=int, default=0, choices=[0, 1],
+                        help="1: offer the built-in tools (calculator, unit_converter, date_time, lookup_fact) and "
+                             "run the model's calls")
+    parser.add_argument("--tool_names", default=None,
+                        help="with --tools 1: offer only these built-in tools (comma-separated, e.g. calculator)")
+    parser.add_argument("--max_tool_rounds", type=int, default=4, help="rounds of tool calls per question")
     args = parser.parse_args(argv)
     if args.temperature < 0 or not 0 <= args.top_p <= 1 or args.max_new_tokens < 1 or args.history_cnt < 0:
         parser.error("need --temperature >= 0, 0 <= --top_p <= 1, --max_new_tokens >= 1, --history_cnt >= 0")
+    if args.tools and args.model_mode == 0:
+        parser.error("--tools 1 needs a chat model (--model_mode 1, 2 or 3); the pretrain model only continues text")
+    known = builtin_registry().names()
+    args.tool_names = args.tool_names.split(",") if args.tool_names else known
+    if set(args.tool_names) - set(known):
+        parser.error(f"--tool_names: unknown {', '.join(sorted(set(args.tool_names) - set(known)))}; "
+                     f"the built-in tools are {', '.join(known)}")
     if args.load == 0:
         check_size_flags(parser, args)
     return args
@@ -118,6 +140,8 @@ def auto_test_prompts(args) -> list[str]:
         # an adapter named like MiniMind's (lora_identity, lora_medical) gets its domain's questions
         prompts = DEMO_LORA_PROMPTS if demo else LORA_PROMPTS
         return next((questions for key, questions in prompts.items() if key in name), CHAT_PROMPTS)
+    if args.tools:
+        return DEMO_TOOL_PROMPTS
     if demo:
         return DEMO_REASONING_PROMPTS if args.model_mode == 3 else DEMO_CHAT_PROMPTS
     return CHAT_PROMPTS
@@ -134,6 +158,20 @@ def ask(model, tokenizer, args, messages) -> str:
         print(delta, end="", flush=True)
     print()
     return reply.text
+
+
+def ask_with_tools(model, tokenizer, args, messages) -> list[dict]:
+    """Answer the last message through the tool loop, showing calls and results as they happen;
+    returns the messages the loop added (assistant replies and tool results)."""
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    stream_reply = engine_stream_reply(model, tokenizer, max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature, top_p=args.top_p,
+                                       repetition_penalty=args.repetition_penalty, seed=seed)
+    history = trim_history(messages, args.history_cnt)
+    asked = len(history)
+    print_tool_loop(run_tool_loop(stream_reply, history, builtin_registry(now=datetime.now()),
+                                  offered=args.tool_names, max_rounds=args.max_tool_rounds))
+    return history[asked:]
 
 
 def questions(mode: str, args):
@@ -159,9 +197,11 @@ def chat(model, tokenizer, args, mode: str) -> None:
     messages = []
     for prompt in questions(mode, args):
         messages.append({"role": "user", "content": prompt})
-        print("🤖️: ", end="", flush=True)
-        answer = ask(model, tokenizer, args, messages)
-        messages.append({"role": "assistant", "content": answer})
+        if args.tools:
+            messages += ask_with_tools(model, tokenizer, args, messages)
+        else:
+            print("🤖️: ", end="", flush=True)
+            messages.append({"role": "assistant", "content": ask(model, tokenizer, args, messages)})
         print()
 
 
@@ -176,7 +216,7 @@ def main(argv=None) -> int:
         print(model.lora_summary, file=notes)
 
     if args.prompt is not None:
-        ask(model, tokenizer, args, [{"role": "user", "content": args.prompt}])
+        (ask_with_tools if args.tools else ask)(model, tokenizer, args, [{"role": "user", "content": args.prompt}])
         return 0
     try:
         mode = input("[0] auto test\n[1] manual input\nchoose 0 or 1: ").strip()

@@ -645,3 +645,32 @@ def score_tool_prompts(model, tokenizer, rows: list[dict], registry: ToolRegistr
         result["answer_without_tools"] = share([score_run(run, registry) for run in alone], "answer_right")
     result["rows"] = scored
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Showing the loop in a terminal (eval_model.py --tools 1, the quickstart's demo)
+# ----------------------------------------------------------------------------------------------
+
+def describe_call(call: ToolCall) -> str:
+    if call.error:
+        return f"malformed call {call.text!r}: {call.error}"
+    return f"{call.name} {json.dumps(call.arguments, ensure_ascii=False)}"
+
+
+def print_tool_loop(events: Iterable[ToolEvent], file=None) -> None:
+    """The replies streamed after 🤖️, each call (🔧) and result (📎) on a line of its own."""
+    import sys
+    file = file or sys.stdout
+    line_open = False
+    for event in events:
+        if event.kind == "content":
+            print(event.text if line_open else f"🤖️: {event.text}", end="", flush=True, file=file)
+            line_open = True
+            continue
+        if line_open:
+            print(file=file)
+            line_open = False
+        if event.kind == "call":
+            print(f"🔧 {describe_call(event.call)}", flush=True, file=file)
+        elif event.kind == "result":
+            print(f"📎 {event.text}", flush=True, file=file)

@@ -219,20 +219,14 @@ TOOL_QUESTION = "What is 37 times 48?"
 def show_tool_round_trip(size: Size, args) -> None:
     """The SFT model with the calculator offered: its call, the tool's result, its answer."""
     from model.inference import default_device, load_model, model_args
-    from model.tools import builtin_registry, engine_stream_reply, run_tool_loop
+    from model.tools import builtin_registry, engine_stream_reply, print_tool_loop, run_tool_loop
     model, tokenizer = load_model(model_args(model_mode=1, out_dir=args.out_dir, hidden_size=size.hidden_size,
                                              num_hidden_layers=size.num_hidden_layers,
                                              device=args.device or default_device()))
     print(f"\n[full_sft + tools: calculator] 👶: {TOOL_QUESTION}", flush=True)
     reply = engine_stream_reply(model, tokenizer, max_new_tokens=96, temperature=0.0)
-    for event in run_tool_loop(reply, [{"role": "user", "content": TOOL_QUESTION}], builtin_registry(),
-                               offered=["calculator"], max_rounds=2):
-        if event.kind == "call":
-            print(f"🔧 call: {event.call.text}" + (f"  ({event.call.error})" if event.call.error else ""), flush=True)
-        elif event.kind == "result":
-            print(f"📎 result: {event.text}", flush=True)
-        elif event.kind == "content":
-            print(f"🤖️: {event.text}", flush=True)
+    print_tool_loop(run_tool_loop(reply, [{"role": "user", "content": TOOL_QUESTION}], builtin_registry(),
+                                  offered=["calculator"], max_rounds=2))
 
 
 def rl_accuracy(size: Size, args) -> dict:

@@ -349,3 +349,16 @@ def test_a_model_fine_tuned_on_a_tool_chat_calls_the_calculator_through_the_loop
               "expected_calls": [{"name": "calculator", "arguments": {"expression": "37 * 48"}}], "answer": ["1776"]}
     scores = score_tool_prompts(model, tok, [prompt], max_new_tokens=48)
     assert scores["valid_call"] == scores["exact_arguments"] == scores["answer_with_tools"] == 1.0
+
+
+@pytest.mark.slow
+def test_eval_model_with_tools_shows_the_call_the_result_and_the_answer(tmp_path, capsys):
+    import eval_model
+    from model.checkpoint import save_weights
+    save_weights(fine_tuned_tool_model(), str(tmp_path / "full_sft_64.pth"))
+    assert eval_model.main(["--out_dir", str(tmp_path), "--hidden_size", "64", "--num_hidden_layers", "2",
+                            "--device", "cpu", "--tools", "1", "--tool_names", "calculator",
+                            "--prompt", "What is 37 times 48?",
+                            "--temperature", "0", "--max_new_tokens", "48"]) == 0
+    assert capsys.readouterr().out.splitlines() == ['🔧 calculator {"expression": "37*48"}', '📎 {"result": 1776}',
+                                                    "🤖️: 37 × 48 = 1776."]
