@@ -13,6 +13,9 @@ engine, so replies being written at the same time are decoded together in one ba
 (--max_batch_size rows, each up to --context_length tokens of conversation and reply).
 Replies stream; a reasoning model's <think>…</think> text goes into a collapsible block above
 the answer.
+The sidebar's "Tools" switch offers the built-in tools of model/tools.py: each call the
+model makes is run and shown (a collapsible block with the call and its result) before the
+answer that uses it.
 """
 import argparse
 import os
@@ -20,6 +23,7 @@ import random
 import re
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +36,7 @@ from model.checkpoint import STAGE_OF_MODEL_MODE
 from model.engine import Engine, EngineLoop, QueueFull, SamplingParams
 from model.inference import (ModelLoadError, ReasoningSplitter, build_prompt_ids, count_parameters, default_device,
                              load_model, model_args, sizes_of_checkpoint, trim_history)
+from model.tools import builtin_registry, describe_call, run_tool_loop
 
 MODE_OF_STAGE = {stage: mode for mode, stage in STAGE_OF_MODEL_MODE.items()}
 WEIGHTS_NAME = re.compile(r"^(?P<stage>" + "|".join(MODE_OF_STAGE) + r")_(?P<hidden>\d+)(?P<moe>_moe)?\.pth$")
@@ -122,10 +127,19 @@ def sidebar(models: dict, args) -> dict:
             "max_new_tokens": st.slider("Max new tokens", 16, longest_reply, min(args.max_new_tokens, longest_reply),
                                         16, key="max_new_tokens"),
             "history_cnt": st.slider("History turns kept", 0, 10, 2, key="history_cnt"),
+            "tools": st.toggle("Tools (calculator, units, date, facts)", value=False, key="tools"),
         }
+        names = builtin_registry().names()
+        settings["tool_names"] = st.multiselect("Offered tools", names, default=names, key="tool_names") \
+            if settings["tools"] else []
         if st.button("Clear chat", key="clear", width="stretch"):
             st.session_state.messages = []
     return settings
+
+
+def show_tool_step(step: dict) -> None:
+    with st.expander(f"🔧 {step['call']}", expanded=False):
+        st.code(step["result"] or "…", language="json")
 
 
 def show_message(message: dict) -> None:
@@ -133,6 +147,8 @@ def show_message(message: dict) -> None:
         if message.get("reasoning"):
             with st.expander("Reasoning", expanded=False):
                 st.markdown(message["reasoning"])
+        for step in message.get("tool_steps", []):
+            show_tool_step(step)
         st.markdown(message["content"])
 
 
@@ -183,6 +199,33 @@ def stream_reply(loaded: LoadedModel, messages: list[dict], settings: dict, raw:
     return {"role": "assistant", "content": parts["content"], "reasoning": parts["reasoning"]}
 
 
+def stream_tool_reply(loaded: LoadedModel, messages: list[dict], settings: dict) -> dict:
+    """The reply through the tool loop (each round a row of the shared engine): each call and its
+    result appear as they happen, then the answer streams below them. Only the final text goes
+    into the chat history."""
+    def stream(history, schemas):
+        yield from reply_deltas(loaded, build_prompt_ids(loaded.tokenizer, history, tools=schemas or None), settings)
+
+    steps, step_of_call, text = [], {}, ""
+    steps_area, answer_area = st.container(), st.empty()
+    for event in run_tool_loop(stream, trim_history(messages, settings["history_cnt"]),
+                               builtin_registry(now=datetime.now()), offered=settings["tool_names"]):
+        if event.kind == "content":
+            text += event.text
+            answer_area.markdown(text + " ▌")
+        elif event.kind == "call":
+            step_of_call[event.call.id] = {"call": describe_call(event.call), "result": ""}
+            steps.append(step_of_call[event.call.id])
+        elif event.kind == "result":
+            step_of_call[event.call.id]["result"] = event.text
+            with steps_area:
+                show_tool_step(step_of_call[event.call.id])
+        elif event.kind == "round" and steps:
+            text += "\n\n" if text else ""
+    answer_area.markdown(text.strip())
+    return {"role": "assistant", "content": text.strip(), "tool_steps": steps}
+
+
 def main():
     args = parse_args()
     st.set_page_config(page_title="MiniMind", page_icon="🤖")
@@ -212,7 +255,10 @@ def main():
         st.session_state.messages.append(user_message)
         history = [{"role": m["role"], "content": m["content"]} for m in st.session_state.messages]
         with st.chat_message("assistant"):
-            reply = stream_reply(loaded, history, settings, raw=choice["mode"] == 0)
+            if settings["tools"] and choice["mode"] != 0:
+                reply = stream_tool_reply(loaded, history, settings)
+            else:
+                reply = stream_reply(loaded, history, settings, raw=choice["mode"] == 0)
         st.session_state.messages.append(reply)
 
 

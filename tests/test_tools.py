@@ -362,3 +362,24 @@ def test_eval_model_with_tools_shows_the_call_the_result_and_the_answer(tmp_path
                             "--temperature", "0", "--max_new_tokens", "48"]) == 0
     assert capsys.readouterr().out.splitlines() == ['🔧 calculator {"expression": "37*48"}', '📎 {"result": 1776}',
                                                     "🤖️: 37 × 48 = 1776."]
+
+
+@pytest.mark.slow
+def test_web_demo_tools_switch_shows_the_call_the_result_and_the_answer(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    from model.checkpoint import save_weights
+    save_weights(fine_tuned_tool_model(), str(tmp_path / "full_sft_64.pth"))
+    web_demo = REPO_ROOT / "scripts" / "web_demo.py"
+    monkeypatch.setattr(sys, "argv", [str(web_demo), "--out_dir", str(tmp_path), "--device", "cpu",
+                                      "--max_new_tokens", "48"])
+    app = AppTest.from_file(str(web_demo), default_timeout=120)
+    app.run()
+    app.slider(key="temperature").set_value(0.0)
+    app.toggle(key="tools").set_value(True).run()
+    app.multiselect(key="tool_names").set_value(["calculator"])
+    app.chat_input[0].set_value("What is 37 times 48?").run()
+    assert not app.exception
+    assistant = app.chat_message[1]
+    assert [e.label for e in assistant.expander] == ['🔧 calculator {"expression": "37*48"}']
+    assert assistant.code[0].value == '{"result": 1776}'
+    assert assistant.markdown[-1].value == "37 × 48 = 1776."
