@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable, Iterable, Iterator
 
+from model.engine import held_back_length
+
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 DEFAULT_MAX_ROUNDS = 4  # tool rounds before the loop stops asking the model
@@ -110,14 +112,6 @@ def parse_tool_call_body(body: str) -> ToolCall:
     return ToolCall(data["name"], arguments, text)
 
 
-def held_back(text: str, tag: str) -> int:
-    """How many characters at the end of text could be the start of tag."""
-    for size in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0
-
-
 class ToolCallStream:
     """Splits streamed reply text into content and tool calls.
 
@@ -151,7 +145,7 @@ class ToolCallStream:
                 self.add_content(events, before.rstrip())
             self.inside = not self.inside
         if not self.inside:
-            keep = held_back(self.held, TOOL_CALL_OPEN)
+            keep = held_back_length(self.held, (TOOL_CALL_OPEN,))
             certain = self.held[:len(self.held) - keep]
             settled = certain.rstrip()  # trailing whitespace may be the glue before a block
             self.add_content(events, settled)
