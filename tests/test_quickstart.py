@@ -57,10 +57,13 @@ def test_commands_answers_and_next_steps_are_printed(quickstart):
     for script in ("train_pretrain.py", "train_full_sft.py", "train_dpo.py", "train_distill_reason.py",
                    "train_lora.py", "train_grpo.py"):
         assert f"$ python trainer/{script} --hidden_size 64" in stdout
-    from scripts.quickstart import QUESTIONS
+    from scripts.quickstart import QUESTIONS, TOOL_QUESTION
     for _, _, question in QUESTIONS:
         assert f"👶: {question}\n🤖️: " in stdout
     assert "What next:" in stdout and "python eval_model.py --hidden_size 64 --num_hidden_layers 2" in stdout
+    assert f"[full_sft + tools: calculator] 👶: {TOOL_QUESTION}\n" in stdout  # the tool round trip is shown
+    assert "--max_seq_len 96 --batch_size 16 --learning_rate 2e-3 --warmup_iters 10 --group_by_length 1 --data_path" \
+        in stdout and "sft_mix.jsonl" in stdout  # SFT on the chats and the tool conversations
 
 
 @pytest.mark.slow
