@@ -140,7 +140,7 @@ def auto_test_prompts(args) -> list[str]:
         # an adapter named like MiniMind's (lora_identity, lora_medical) gets its domain's questions
         prompts = DEMO_LORA_PROMPTS if demo else LORA_PROMPTS
         return next((questions for key, questions in prompts.items() if key in name), CHAT_PROMPTS)
-    if args.tools:
+    if getattr(args, "tools", 0):  # the questions the built-in tools answer
         return DEMO_TOOL_PROMPTS
     if demo:
         return DEMO_REASONING_PROMPTS if args.model_mode == 3 else DEMO_CHAT_PROMPTS
