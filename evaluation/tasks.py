@@ -96,13 +96,24 @@ def run_judge(model, tokenizer, data_path: str, settings, subject: Subject) -> d
     return {**judge.summarize(questions, answers, verdicts), "criteria": settings.judge_criteria}
 
 
+def run_tools(model, tokenizer, data_path: str, settings, subject: Subject) -> dict:
+    """Held-out tool prompts through model/tools.py's loop with the built-in tools (greedy)."""
+    from model.tools import load_tool_prompts, score_tool_prompts
+    prompts = limit(load_tool_prompts(data_path), settings)
+    scores = score_tool_prompts(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                                batch_size=settings.gen_batch_size)
+    return {**scores, "n": scores["prompts"]}
+
+
 TASKS = {
     "bpb": Task(run_bpb, ("bpb", "loss", "tokens", "bytes"), "bpb", "eval_text.jsonl", lower_is_better=True),
     "mc": Task(run_mc, ("accuracy", "acc_norm", "n", "chance"), "accuracy", "eval_mc.jsonl"),
     "gen": Task(run_gen, ("accuracy", "n"), "accuracy", "eval_gen.jsonl"),
     "judge": Task(run_judge, ("score", "scored", "unparseable", "failed_requests", "n"), "score", "eval_gen.jsonl",
                   needs=("judge_base_url", "judge_model")),
-    # "tools": registered by the tools issue (held-out tool prompts: valid call, right tool, arguments, answer)
+    "tools": Task(run_tools, ("valid_call", "right_tool", "exact_arguments", "answer_with_tools",
+                              "answer_without_tools", "no_call_when_not_needed", "n"), "answer_with_tools",
+                  "tools_eval.jsonl"),
 }
 
 

@@ -383,3 +383,16 @@ def test_web_demo_tools_switch_shows_the_call_the_result_and_the_answer(tmp_path
     assert [e.label for e in assistant.expander] == ['🔧 calculator {"expression": "37*48"}']
     assert assistant.code[0].value == '{"result": 1776}'
     assert assistant.markdown[-1].value == "37 × 48 = 1776."
+
+
+@pytest.mark.slow
+def test_eval_bench_tools_task_scores_the_held_out_format(tok, tmp_path):
+    from argparse import Namespace
+    from evaluation.tasks import TASKS, Subject
+    prompt = {"messages": [{"role": "user", "content": "What is 37 times 48?"}], "tools": [CALCULATOR],
+              "expected_calls": [{"name": "calculator", "arguments": {"expression": "37*48"}}], "answer": ["1776"]}
+    path = write_rows(tmp_path / "tools_eval.jsonl", [prompt, {**prompt, "expected_calls": [], "answer": ["?"]}])
+    settings = Namespace(max_questions=0, max_new_tokens=48, gen_batch_size=4, progress=0)
+    result = TASKS["tools"].run(fine_tuned_tool_model(), tok, str(path), settings, Subject("m", chat=True))
+    assert (result["n"], result["valid_call"], result["answer_with_tools"]) == (2, 1.0, 1.0)
+    assert result["no_call_when_not_needed"] == 0.0  # this one-chat model calls the calculator for anything
