@@ -25,6 +25,7 @@ sys.path.insert(0, REPO_ROOT)
 import torch  # noqa: E402
 
 from model.inference import add_model_args, load_model_or_exit  # noqa: E402
+from evaluation.data import EvalDataError  # noqa: E402
 from model.tools import load_tool_prompts, score_tool_prompts  # noqa: E402
 
 SUMMARY = ["valid_call", "right_tool", "exact_arguments", "answer_with_tools", "answer_without_tools",
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         prompts = load_tool_prompts(args.data_path)
-    except (OSError, ValueError) as e:
+    except EvalDataError as e:
         raise SystemExit(f"error: {e}") from None
     model, tokenizer = load_model_or_exit(args)
     started = time.time()

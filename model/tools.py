@@ -536,20 +536,15 @@ class PromptRun:
 
 
 def load_tool_prompts(path) -> list[dict]:
-    """The rows of a held-out file, checked: messages, tools, expected_calls, answer."""
+    """The rows of a held-out file, checked: messages, tools, expected_calls, answer. Raises
+    evaluation.data.EvalDataError naming the file and line."""
+    from evaluation.data import EvalDataError, read_jsonl
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e})") from e
-            missing = [key for key in ("messages", "tools", "expected_calls", "answer") if key not in row]
-            if missing:
-                raise ValueError(f"{path}:{number}: missing {', '.join(missing)}")
-            rows.append(row)
+    for number, row in read_jsonl(str(path)):
+        missing = [key for key in ("messages", "tools", "expected_calls", "answer") if key not in row]
+        if missing:
+            raise EvalDataError(f"{path}:{number}: missing {', '.join(missing)}")
+        rows.append(row)
     return rows
 
 

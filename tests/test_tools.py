@@ -396,3 +396,11 @@ def test_eval_bench_tools_task_scores_the_held_out_format(tok, tmp_path):
     result = TASKS["tools"].run(fine_tuned_tool_model(), tok, str(path), settings, Subject("m", chat=True))
     assert (result["n"], result["valid_call"], result["answer_with_tools"]) == (2, 1.0, 1.0)
     assert result["no_call_when_not_needed"] == 0.0  # this one-chat model calls the calculator for anything
+
+
+def test_a_bad_held_out_file_is_named_with_its_line(tmp_path):
+    from evaluation.data import EvalDataError
+    path = write_rows(tmp_path / "prompts.jsonl", [{"messages": [], "tools": [], "expected_calls": [], "answer": []},
+                                                   {"messages": []}])
+    with pytest.raises(EvalDataError, match=r"prompts.jsonl:2: missing tools, expected_calls, answer"):
+        load_tool_prompts(path)
