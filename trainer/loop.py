@@ -67,13 +67,8 @@ def train(args, runtime: Runtime, model: torch.nn.Module, dataset, collate_fn, l
                 held_out = evaluation.maybe_run(state.model, state.step, last_step, autocast_context(
                     runtime.device, "float32" if runtime.use_deepspeed else args.dtype)) if evaluation else {}
                 reporter.step(totals, lr, grad_norm, skipped, bad_steps_in_a_row, MAX_BAD_STEPS_IN_A_ROW, held_out)
-                if bad_steps_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
-                    raise TrainingDiverged(diverged_message(state, bad_steps_in_a_row, files, args))
-                if totals["stop"]:  # a rank got Ctrl-C / SIGTERM: all stop here, saved
-                    save_checkpoint(state, files, runtime, samples_per_step)
-                    raise Interrupted(state.step)
-                if not skipped and state.step % args.save_interval == 0:
-                    save_checkpoint(state, files, runtime, samples_per_step)
+                stop_or_save(state, files, args, runtime, samples_per_step, skipped, bad_steps_in_a_row,
+                             stop_requested=totals["stop"])  # a rank got Ctrl-C / SIGTERM: all stop here, saved
                 if state.step >= last_step:
                     break
             else:  # the epoch ran to its end
@@ -82,6 +77,19 @@ def train(args, runtime: Runtime, model: torch.nn.Module, dataset, collate_fn, l
         save_checkpoint(state, files, runtime, samples_per_step)
     log(f"{files.name}: done after {state.step} steps; weights in {files.weights}")
     return state.model
+
+
+def stop_or_save(state: TrainState, files: RunFiles, args, runtime: Runtime, samples_per_step: int, skipped: bool,
+                 bad_steps_in_a_row: int, stop_requested: bool) -> None:
+    """After an optimizer step: end the run when it diverged (nothing saved: the weights are the
+    last good ones) or when a rank was asked to stop (saved first), else save every --save_interval."""
+    if bad_steps_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
+        raise TrainingDiverged(diverged_message(state, bad_steps_in_a_row, files, args))
+    if stop_requested:
+        save_checkpoint(state, files, runtime, samples_per_step)
+        raise Interrupted(state.step)
+    if not skipped and state.step % args.save_interval == 0:
+        save_checkpoint(state, files, runtime, samples_per_step)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,14 +40,13 @@ from dataset.lm_dataset import RLAIFDataset, prompt_collate  # noqa: E402
 from model.checkpoint import atomic_torch_save, half_precision_state_dict, save_weights, weight_path  # noqa: E402
 from model.command_line import UserError  # noqa: E402
 from trainer.accelerator import TORCH_DTYPES, frozen_copy, make_optimizer  # noqa: E402
-from trainer.checkpoints import (TrainingDiverged, TrainState, load_resume_state, run_files,  # noqa: E402
-                                 save_checkpoint, write_run_info)
+from trainer.checkpoints import TrainState, load_resume_state, run_files, save_checkpoint, write_run_info  # noqa: E402
 from trainer.cli import build_parser, finish_args  # noqa: E402
 from trainer.data_order import count_steps_per_epoch, make_loader  # noqa: E402
-from trainer.loop import MAX_BAD_STEPS_IN_A_ROW, autocast_context, diverged_message, learning_rate_at  # noqa: E402
-from trainer.loop import optimizer_step  # noqa: E402
+from trainer.loop import (MAX_BAD_STEPS_IN_A_ROW, autocast_context, learning_rate_at, optimizer_step,  # noqa: E402
+                          stop_or_save)
 from trainer.loss_weighting import StepLossWeighting  # noqa: E402
-from trainer.processes import Interrupted, StopRequest, log, seed_everything, training_processes, wrap_model  # noqa: E402
+from trainer.processes import StopRequest, log, seed_everything, training_processes, wrap_model  # noqa: E402
 from trainer.reporting import Reporter, describe_parameters  # noqa: E402
 from trainer.rewards import Rewards, add_reward_args  # noqa: E402
 from trainer.rl_losses import aggregate, gae, masked_mean, ppo_actor_loss, ppo_value_loss  # noqa: E402
@@ -257,13 +256,8 @@ def train_ppo(args, runtime, model: ActorCritic, reference, rewards, dataset, to
                 state.samples_in_epoch += samples_per_step
                 bad_steps_in_a_row = bad_steps_in_a_row + 1 if skipped else 0
                 reporter.step(totals, lr, grad_norm, skipped, bad_steps_in_a_row, MAX_BAD_STEPS_IN_A_ROW)
-                if bad_steps_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
-                    raise TrainingDiverged(diverged_message(state, bad_steps_in_a_row, files, args))
-                if mean_over_ranks({"stop": float(stop.requested)}, runtime)["stop"] > 0:
-                    save_checkpoint(state, files, runtime, samples_per_step)
-                    raise Interrupted(state.step)
-                if not skipped and state.step % args.save_interval == 0:
-                    save_checkpoint(state, files, runtime, samples_per_step)
+                stop_or_save(state, files, args, runtime, samples_per_step, skipped, bad_steps_in_a_row,
+                             stop_requested=mean_over_ranks({"stop": float(stop.requested)}, runtime)["stop"] > 0)
                 if state.step >= last_step:
                     break
             else:
