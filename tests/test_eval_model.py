@@ -13,26 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import config_from_sizes, save_weights
+from model.checkpoint import save_weights
 from model.inference import (Generation, IncrementalDecoder, ModelLoadError, ReasoningSplitter, StopStringFilter,
                              build_prompt_ids, generate_text, generate_ids, load_model, load_tokenizer,
                              model_args, split_reasoning, trim_history)
 from model.model_lora import apply_lora, save_lora
-from model.model_minimind import MiniMindForCausalLM
+from tiny_models import tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = REPO_ROOT / "model"
 SIZE_FLAGS = ["--hidden_size", "64", "--num_hidden_layers", "2"]
-
-
-def tiny_model(seed: int = 0) -> MiniMindForCausalLM:
-    torch.manual_seed(seed)
-    model = MiniMindForCausalLM(config_from_sizes(64, 2, False))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,11 @@ QUESTIONS = [
     {"question": "The capital of France is", "choices": ["Paris", "Berlin", "a large fish"], "answer": 0},
     {"question": "中国的首都是", "choices": ["北京", "上海"], "answer": 0},
 ]
-TASK = """task: minimind_tiny_mc
+
+
+def task_yaml(name: str, data, extra: str = "") -> str:
+    """A multiple-choice task over a local jsonl file ({question, choices, answer}), no hub."""
+    return f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -46,8 +50,9 @@ output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: answer
-metric_list:
+{extra}metric_list:
   - metric: acc
+  - metric: acc_norm
 """
 
 
@@ -76,7 +81,7 @@ def test_lm_eval_local_completions_gets_the_model_s_loglikelihoods(served, tmp_p
     data.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in QUESTIONS), encoding="utf-8")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "minimind_tiny_mc.yaml").write_text(TASK.format(data=data), encoding="utf-8")
+    (tasks / "minimind_tiny_mc.yaml").write_text(task_yaml("minimind_tiny_mc", data), encoding="utf-8")
     model_arguments = ",".join([
         "model=minimind", f"base_url={base_url}/completions", f"tokenizer={REPO_ROOT / 'model'}",
         "tokenizer_backend=huggingface", "num_concurrent=1", "max_retries=1"])
@@ -102,21 +107,6 @@ def test_lm_eval_local_completions_gets_the_model_s_loglikelihoods(served, tmp_p
         assert len(set(round(x, 3) for x in expected)) == len(expected)  # distinct: a mix-up would show
 
 
-BRIDGE_TASK = """task: minimind_demo_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 
 
 def test_lm_eval_hf_on_the_llama_export_agrees_with_eval_bench(tmp_path):
@@ -132,7 +122,8 @@ def test_lm_eval_hf_on_the_llama_export_agrees_with_eval_bench(tmp_path):
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "minimind_demo_mc.yaml").write_text(BRIDGE_TASK.format(data=data), encoding="utf-8")
+    (tasks / "minimind_demo_mc.yaml").write_text(
+        task_yaml("minimind_demo_mc", data, extra='target_delimiter: ""\n'), encoding="utf-8")
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={export},dtype=float32",

@@ -20,26 +20,15 @@ import pytest
 import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from model.checkpoint import config_from_sizes, save_weights
+from model.checkpoint import save_weights
 from model.engine import Engine, SamplingParams
 from model.inference import build_prompt_ids, generate_text, load_model, model_args, split_reasoning
-from model.model_minimind import MiniMindForCausalLM
+from tiny_models import tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-key"
 CONTEXT = 2048
 pytestmark = pytest.mark.slow  # a server subprocess
-
-
-def tiny_model(seed: int = 0) -> MiniMindForCausalLM:
-    """Random weights with a wide spread, so greedy replies differ from prompt to prompt."""
-    torch.manual_seed(seed)
-    model = MiniMindForCausalLM(config_from_sizes(64, 2, False))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def free_port() -> int:

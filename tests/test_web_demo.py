@@ -10,28 +10,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from model.checkpoint import config_from_sizes, save_weights
+from model.checkpoint import save_weights
 from model.inference import build_prompt_ids, generate_text, load_model, model_args, split_reasoning
 from model.model_lora import apply_lora, save_lora
-from model.model_minimind import MiniMindForCausalLM
+from tiny_models import tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WEB_DEMO = REPO_ROOT / "scripts" / "web_demo.py"
 CHROMIUM = "/usr/bin/chromium"
 MAX_NEW_TOKENS = 48
-
-
-def tiny_model(seed: int = 0) -> MiniMindForCausalLM:
-    """Random weights with a wide spread, so greedy replies are not one repeated token."""
-    torch.manual_seed(seed)
-    model = MiniMindForCausalLM(config_from_sizes(64, 2, False))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
