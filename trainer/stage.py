@@ -2,6 +2,7 @@
 main() is run from the command line.
 
     model = build_model(args, args.from_weight)   # random init or a stage's weights
+    reference = build_frozen_model(args, runtime)  # the same weights, frozen (DPO, GRPO, PPO)
     tokenizer = load_tokenizer()
     run_stage(main)                               # user errors: one line, exit 2; Ctrl-C: exit 130
 """
@@ -13,6 +14,7 @@ from tqdm import tqdm
 from model.checkpoint import REPO_ROOT, SCRIPT_OF_STAGE, config_from_sizes, load_weights, weight_path
 from model.command_line import UserError, one_line
 from model.model_minimind import MiniMindForCausalLM
+from trainer.accelerator import frozen_copy, weights_dtype
 from trainer.checkpoints import TrainingDiverged
 from trainer.processes import Interrupted, log, seed_everything
 
@@ -47,6 +49,14 @@ def build_model(args, from_weight: str, hidden_size: int | None = None, num_hidd
             raise UserError(one_line(f"--from_weight {from_weight}: {error}")) from None
         log(f"loaded {from_weight} weights from {path}" + (f" as {role}" if role else ""))
     return model
+
+
+def build_frozen_model(args, runtime, from_weight: str | None = None, role: str = "the frozen reference",
+                       **sizes) -> MiniMindForCausalLM:
+    """A stage's weights that only run forward (DPO's and RL's reference, distillation's teacher),
+    set up exactly as the trained model runs (accelerator.frozen_copy). `sizes` as build_model's."""
+    model = build_model(args, from_weight or args.from_weight, role=role, **sizes)
+    return frozen_copy(model, runtime.device, weights_dtype(args.dtype, runtime.use_deepspeed))
 
 
 def require_weights(path: str, stage: str, hidden_size: int, num_hidden_layers: int, use_moe: bool) -> None:

@@ -22,13 +22,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dataset.lm_dataset import SFTDataset, pad_collate  # noqa: E402
-from trainer.accelerator import frozen_copy, weights_dtype  # noqa: E402
 from trainer.cli import build_parser, finish_args  # noqa: E402
 from trainer.losses import forward_batch, masked_cross_entropy, with_aux_loss  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.processes import log, training_processes  # noqa: E402
 from trainer.reporting import describe_parameters  # noqa: E402
-from trainer.stage import build_model, load_tokenizer, run_stage  # noqa: E402
+from trainer.stage import build_frozen_model, build_model, load_tokenizer, run_stage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -71,9 +70,10 @@ def make_distillation_loss(teacher: torch.nn.Module, alpha: float, temperature: 
 def main(argv=None):
     args = parse_args(argv)
     with training_processes(args) as runtime:
-        teacher = build_model(args, "full_sft", hidden_size=args.teacher_hidden_size, role="the frozen teacher",
-                              num_hidden_layers=args.teacher_num_hidden_layers, use_moe=bool(args.teacher_use_moe))
-        teacher = frozen_copy(teacher, runtime.device, weights_dtype(args.dtype, runtime.use_deepspeed))
+        teacher = build_frozen_model(args, runtime, "full_sft", role="the frozen teacher",
+                                     hidden_size=args.teacher_hidden_size,
+                                     num_hidden_layers=args.teacher_num_hidden_layers,
+                                     use_moe=bool(args.teacher_use_moe))
         student = build_model(args, args.from_weight, role="the student (trained)")
         log(f"teacher: {describe_parameters(teacher)}; student: {describe_parameters(student)}")
         dataset = SFTDataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len, cache_dir=args.cache_dir)

@@ -23,12 +23,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dataset.lm_dataset import DPODataset, dpo_collate  # noqa: E402
-from trainer.accelerator import frozen_copy, weights_dtype  # noqa: E402
 from trainer.cli import build_parser, finish_args  # noqa: E402
 from trainer.losses import with_aux_loss  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.processes import training_processes  # noqa: E402
-from trainer.stage import build_model, load_tokenizer, run_stage  # noqa: E402
+from trainer.stage import build_frozen_model, build_model, load_tokenizer, run_stage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -88,8 +87,7 @@ def main(argv=None):
     args = parse_args(argv)
     with training_processes(args) as runtime:
         policy = build_model(args, args.from_weight, role="the policy (trained)")
-        reference = frozen_copy(build_model(args, args.from_weight, role="the frozen reference"), runtime.device,
-                                weights_dtype(args.dtype, runtime.use_deepspeed))
+        reference = build_frozen_model(args, runtime)
         dataset = DPODataset(args.data_path, load_tokenizer(), max_length=args.max_seq_len, cache_dir=args.cache_dir)
         return train(args, runtime, policy, dataset, dpo_collate, make_dpo_loss(reference, args.beta))
 

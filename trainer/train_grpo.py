@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from dataset.lm_dataset import RLAIFDataset, prompt_collate  # noqa: E402
 from model.checkpoint import unwrap_model  # noqa: E402
-from trainer.accelerator import TORCH_DTYPES, frozen_copy, weights_dtype  # noqa: E402
+from trainer.accelerator import TORCH_DTYPES  # noqa: E402
 from trainer.cli import build_parser, finish_args  # noqa: E402
 from trainer.losses import with_aux_loss  # noqa: E402
 from trainer.loop import train  # noqa: E402
@@ -44,7 +44,7 @@ from trainer.rl_losses import (LOSS_AGGREGATIONS, aggregate, cispo_token_loss, c
                                grpo_token_loss, group_advantages, kl_k3, masked_mean)
 from trainer.rollout import (RolloutSampler, add_rollout_args, check_rollout_args, score_replies,  # noqa: E402
                              token_entropy, token_log_probs)
-from trainer.stage import build_model, load_tokenizer, run_stage  # noqa: E402
+from trainer.stage import build_frozen_model, build_model, load_tokenizer, run_stage  # noqa: E402
 
 # --epsilon_high when not given: DAPO's clip-higher bound for grpo; for cispo the importance
 # weight is capped at 1 + 4 = 5, minimind-3's cap
@@ -129,11 +129,7 @@ def main(argv=None):
     args = parse_args(argv)
     with training_processes(args) as runtime:
         policy = build_model(args, args.from_weight, role="the policy (trained)")
-        dtype = weights_dtype(args.dtype, runtime.use_deepspeed)
-        reference = None
-        if args.beta > 0:
-            reference = frozen_copy(build_model(args, args.from_weight, role="the frozen reference"),
-                                    runtime.device, dtype)
+        reference = build_frozen_model(args, runtime) if args.beta > 0 else None  # the KL anchor
         rewards = Rewards.from_args(args, runtime.device, TORCH_DTYPES[args.dtype])
         tokenizer = load_tokenizer()
         dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len, cache_dir=args.cache_dir)

@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 from dataset.lm_dataset import RLAIFDataset, prompt_collate  # noqa: E402
 from model.checkpoint import atomic_torch_save, half_precision_state_dict, save_weights, weight_path  # noqa: E402
 from model.command_line import UserError  # noqa: E402
-from trainer.accelerator import TORCH_DTYPES, frozen_copy, make_optimizer  # noqa: E402
+from trainer.accelerator import TORCH_DTYPES, make_optimizer  # noqa: E402
 from trainer.checkpoints import TrainState, load_resume_state, run_files, save_checkpoint, write_run_info  # noqa: E402
 from trainer.cli import build_parser, finish_args  # noqa: E402
 from trainer.data_order import count_steps_per_epoch, make_loader  # noqa: E402
@@ -52,7 +52,7 @@ from trainer.rewards import Rewards, add_reward_args  # noqa: E402
 from trainer.rl_losses import aggregate, gae, masked_mean, ppo_actor_loss, ppo_value_loss  # noqa: E402
 from trainer.rollout import (RolloutSampler, add_rollout_args, check_rollout_args, rollout_seed,  # noqa: E402
                              score_replies, token_entropy, token_log_probs)
-from trainer.stage import build_model, load_tokenizer, run_stage  # noqa: E402
+from trainer.stage import build_frozen_model, build_model, load_tokenizer, run_stage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -272,8 +272,7 @@ def main(argv=None):
     args = parse_args(argv)
     with training_processes(args) as runtime:
         actor = build_model(args, args.from_weight, role="the actor (trained)")
-        reference = frozen_copy(build_model(args, args.from_weight, role="the frozen reference"), runtime.device,
-                                "float32")
+        reference = build_frozen_model(args, runtime)  # fp32 weights: PPO runs without DeepSpeed
         model = ActorCritic(actor)
         rewards = Rewards.from_args(args, runtime.device, TORCH_DTYPES[args.dtype])
         tokenizer = load_tokenizer()
