@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from model.inference import build_prompt_ids  # the prompt the policy continues, as every front end builds it
 from model.tools import assistant_text, function_of, json_field
 
 PAD_ID = 0
@@ -716,14 +717,8 @@ class DPODataset(Dataset):
         return item
 
 
-def prompt_ids(tokenizer, messages):
-    """The ChatML prompt with the assistant turn opened: what the policy continues."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def prompt_fits(tokenizer, max_length, samples):
-    return [(False, len(prompt_ids(tokenizer, prompt_messages(s["conversations"])))
+    return [(False, len(build_prompt_ids(tokenizer, prompt_messages(s["conversations"])))
              <= max_length) for s in samples]
 
 
@@ -752,7 +747,7 @@ class RLAIFDataset(Dataset):
     def __getitem__(self, i):
         sample = self.lines[i]
         messages = prompt_messages(sample["conversations"])
-        return {"prompt_ids": prompt_ids(self.tokenizer, messages), "messages": messages, "sample": sample,
+        return {"prompt_ids": build_prompt_ids(self.tokenizer, messages), "messages": messages, "sample": sample,
                 "index": i}
 
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dataset.lm_dataset import PAD_ID, prompt_ids, prompt_messages
+from dataset.lm_dataset import PAD_ID, prompt_messages
 from model.engine import Engine, SamplingParams
+from model.inference import build_prompt_ids
 from trainer.rewards import Rewards, correctness_reward
 
 
@@ -149,7 +150,7 @@ def held_out_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 
     """Share of rows whose greedy reply states the row's answer (the correctness rule), with a
     few examples. Rows without an answer are not counted (and their number is returned)."""
     rows_with_answer = [r for r in rows if r.get("answer") is not None]
-    prompts = [prompt_ids(tokenizer, prompt_messages(r["conversations"])) for r in rows_with_answer]
+    prompts = [build_prompt_ids(tokenizer, prompt_messages(r["conversations"])) for r in rows_with_answer]
     engine = Engine(model.eval(), tokenizer, max_batch_size=batch_size,
                     max_seq_len=max(len(p) for p in prompts) + max_new_tokens)
     sequences = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0))
