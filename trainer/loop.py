@@ -64,8 +64,8 @@ def train(args, runtime: Runtime, model: torch.nn.Module, dataset, collate_fn, l
                 state.step += 1
                 state.samples_in_epoch += samples_per_step
                 bad_steps_in_a_row = bad_steps_in_a_row + 1 if skipped else 0
-                held_out = evaluation.maybe_run(state.model, state.step, last_step, autocast_context(
-                    runtime.device, "float32" if runtime.use_deepspeed else args.dtype)) if evaluation else {}
+                held_out = evaluation.maybe_run(state.model, state.step, last_step,
+                                                forward_autocast(args, runtime)) if evaluation else {}
                 reporter.step(totals, lr, grad_norm, skipped, bad_steps_in_a_row, MAX_BAD_STEPS_IN_A_ROW, held_out)
                 stop_or_save(state, files, args, runtime, samples_per_step, skipped, bad_steps_in_a_row,
                              stop_requested=totals["stop"])  # a rank got Ctrl-C / SIGTERM: all stop here, saved
@@ -134,6 +134,11 @@ def learning_rate_at(step: int, total_steps: int, peak_lr: float, warmup_steps: 
     return lr
 
 
+def forward_autocast(args, runtime: Runtime):
+    """The autocast of the trained model's forward passes (DeepSpeed casts the model itself)."""
+    return autocast_context(runtime.device, "float32" if runtime.use_deepspeed else args.dtype)
+
+
 def autocast_context(device: torch.device, dtype: str):
     """Mixed precision for the forward pass; fp32 runs without autocast."""
     if dtype == "float32":
@@ -148,7 +153,6 @@ def accumulate_gradients(state: TrainState, micro_batches: list, loss_fn, lr: fl
     rank was asked to stop."""
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    precision = "float32" if runtime.use_deepspeed else args.dtype  # DeepSpeed casts the model itself
     stats = StepStats(state.weighting)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(runtime.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -157,7 +161,7 @@ def accumulate_gradients(state: TrainState, micro_batches: list, loss_fn, lr: fl
         # DDP: all-reduce gradients only once per optimizer step, on its last micro-batch
         no_sync = isinstance(state.engine, DistributedDataParallel) and not is_last
         with state.engine.no_sync() if no_sync else contextlib.nullcontext():
-            with autocast_context(runtime.device, precision):
+            with forward_autocast(args, runtime):
                 loss, extras = loss_fn(state.engine, batch)
             if state.step + 1 in args.debug_nan_steps:
                 loss = loss * float("nan")  # test hook: a NaN that reaches the gradients too
