@@ -43,7 +43,7 @@ from trainer.accelerator import TORCH_DTYPES, make_optimizer  # noqa: E402
 from trainer.checkpoints import TrainState, load_resume_state, run_files, save_checkpoint, write_run_info  # noqa: E402
 from trainer.cli import build_parser, finish_args  # noqa: E402
 from trainer.data_order import count_steps_per_epoch, make_loader  # noqa: E402
-from trainer.loop import (MAX_BAD_STEPS_IN_A_ROW, autocast_context, learning_rate_at, optimizer_step,  # noqa: E402
+from trainer.loop import (MAX_BAD_STEPS_IN_A_ROW, forward_autocast, learning_rate_at, optimizer_step,  # noqa: E402
                           stop_or_save)
 from trainer.loss_weighting import StepLossWeighting  # noqa: E402
 from trainer.processes import StopRequest, log, seed_everything, training_processes, wrap_model  # noqa: E402
@@ -166,7 +166,7 @@ def update_on_rollout(args, state: TrainState, runtime, rollout_data: dict, inpu
         for start in range(0, rows, args.mini_batch_size):
             pick = order[start:start + args.mini_batch_size].to(input_ids.device)
             m = mask[pick]
-            with autocast_context(runtime.device, args.dtype):
+            with forward_autocast(args, runtime):
                 out, values = state.engine(input_ids[pick])
             log_probs = token_log_probs(out.logits, input_ids[pick])
             old = rollout_data["old_log_probs"][pick]
@@ -204,7 +204,7 @@ def ppo_step(args, state, runtime, sampler, reference, rewards, batch, lr):
     reward, reward_parts = score_replies(rewards, batch, rollout, 1)
     input_ids, mask = rollout.input_ids.to(runtime.device), rollout.response_mask.to(runtime.device)
     state.model.eval()
-    with autocast_context(runtime.device, args.dtype):
+    with forward_autocast(args, runtime):
         rollout_data = advantages_and_returns(args, state.model, reference, input_ids, mask, reward)
     state.model.train()
     sums, updates, grad_norm, skipped = update_on_rollout(args, state, runtime, rollout_data, input_ids, mask, lr,
