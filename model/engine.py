@@ -519,19 +519,22 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     vocabulary entry as torch.multinomial draws). Every row is computed on its own, so a row
     gets the same token in any batch. temperature, top_p: (rows,) > 0; uniforms: (rows,) float64."""
     probs = torch.softmax(logits / temperature[:, None], dim=-1)
-    next_ids = torch.empty(len(probs), dtype=torch.long, device=probs.device)
-    whole = top_p >= 1.0
-    if whole.any():
-        next_ids[whole] = inverse_cdf(probs[whole], uniforms[whole])
-    nucleus = ~whole
+    nucleus = top_p < 1.0
     if nucleus.any():
-        sorted_probs, sorted_ids = sort_descending(probs[nucleus])
-        # drop a token once the tokens ranked above it already cover top_p (the first always stays)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[nucleus, None]
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        picked = inverse_cdf(sorted_probs, uniforms[nucleus])
-        next_ids[nucleus] = sorted_ids.gather(1, picked[:, None])[:, 0]
-    return next_ids
+        cut = probs[nucleus]
+        cut[cut < nucleus_threshold(cut, top_p[nucleus])[:, None]] = 0.0  # outside: never drawn
+        probs[nucleus] = cut
+    return inverse_cdf(probs, uniforms)
+
+
+def nucleus_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row, the smallest probability in the top-p nucleus: a token is in it if the tokens
+    ranked above it cover at most top_p (so the likeliest always is). Only the values are
+    sorted, not their token ids: the nucleus is then every token at least this likely, drawn
+    from in vocabulary order, which is the same distribution as drawing in ranked order."""
+    ranked = sort_descending(probs)
+    in_nucleus = (ranked.cumsum(dim=-1) - ranked <= top_p[:, None]).sum(dim=-1)  # >= 1
+    return ranked.gather(1, (in_nucleus - 1)[:, None])[:, 0]
 
 
 def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -545,15 +548,13 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, targets[:, None], right=True)[:, 0]
 
 
-def sort_descending(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """probs sorted per row, likeliest first, and their token ids. On the CPU numpy's sort is
-    several times faster than torch's for rows of a few thousand (measured: 47 vs 270 us per
-    6400-token row); each row is sorted on its own either way."""
+def sort_descending(probs: torch.Tensor) -> torch.Tensor:
+    """The values of probs sorted per row, likeliest first. On the CPU numpy's sort is several
+    times faster than torch's for rows of a few thousand (measured on 16 x 6400: 1.3 vs 5.9 ms;
+    numpy's argsort, which also returns the ids, 3.0 ms)."""
     if probs.device.type == "cpu":
-        order = torch.from_numpy(numpy.argsort(-probs.numpy(), axis=-1))
-    else:
-        order = probs.argsort(dim=-1, descending=True)
-    return probs.gather(1, order), order
+        return torch.from_numpy(-numpy.sort(-probs.numpy(), axis=-1))
+    return probs.sort(dim=-1, descending=True).values
 
 
 def top_alternatives(logprobs: torch.Tensor, k) -> list[list[tuple[int, float]]]:
