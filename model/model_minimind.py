@@ -178,16 +178,20 @@ def rope_inverse_frequencies(config: MiniMindConfig) -> tuple[torch.Tensor, floa
 
 def rotary_cos_sin(inv_freq: torch.Tensor, attention_scale: float, position_ids: torch.Tensor,
                    dtype: torch.dtype):
-    """cos/sin tables for the given positions, shape (batch, seq, head_dim), in `dtype`.
+    """cos/sin tables for the given positions, shape (batch, 1, seq, head_dim) (the 1 broadcasts
+    over the heads: shaped once here, not in every layer), in `dtype`.
 
     The angles are computed in fp32 (positions up to 32k need its precision), then cast to the
     dtype q and k have, so that rotating them keeps them in that dtype: under bf16 autocast a
     fp32 table would silently promote q and k to fp32 in every layer.
     Computed from position_ids at each forward (not stored as a buffer), so padded batches and
     packed documents get the right angles and there is no table to keep in the checkpoint."""
-    angles = position_ids[..., None].float() * inv_freq
+    angles = position_ids[:, None, :, None].float() * inv_freq
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: [θ0..θd/2, θ0..θd/2]
-    return (angles.cos() * attention_scale).to(dtype), (angles.sin() * attention_scale).to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if attention_scale != 1.0:  # YaRN only
+        cos, sin = cos * attention_scale, sin * attention_scale
+    return cos.to(dtype), sin.to(dtype)
 
 
 def activation_dtype(hidden_states: torch.Tensor) -> torch.dtype:
@@ -204,8 +208,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (i, i + d/2) pair of x by its angle. x: (batch, heads, seq, head_dim)."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    """Rotate each (i, i + d/2) pair of x by its angle. x: (batch, heads, seq, head_dim),
+    cos/sin: (batch, 1, seq, head_dim) from rotary_cos_sin."""
+    return x * cos + rotate_half(x) * sin
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
