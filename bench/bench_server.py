@@ -7,7 +7,8 @@ all alike, and reports per level: aggregate completion tokens/s (all streams' to
 wall time) and time to first token p50/p95. The server batches the running replies (continuous
 batching), so more streams should mean more tokens/s in all.
 Replies are sampled with a fixed seed; one that ends early at <|im_end|> simply has fewer tokens
-(the token counts are in the results).
+(the token counts are in the results). For scale, the same model's matrix products alone are
+timed with 1, 4, 8, 16 rows (the server stopped): their speedup bounds what batching can give.
 
     python bench/bench_server.py                       # 26M model, writes bench/results/server.json
     python bench/bench_server.py --hidden_size 64 --num_hidden_layers 2 --max_tokens 16   # quick
@@ -32,6 +33,7 @@ sys.path.insert(0, REPO_ROOT)
 import httpx  # noqa: E402
 from openai import OpenAI  # noqa: E402
 
+from bench.bench_model import matmul_floor_tokens_per_second  # noqa: E402
 from model.checkpoint import config_from_sizes, save_weights  # noqa: E402
 from model.model_minimind import MiniMindForCausalLM  # noqa: E402
 
@@ -86,6 +88,21 @@ def run_streams(client, concurrency: int, max_tokens: int):
     return time.perf_counter() - start, results, time.process_time() - cpu_start
 
 
+def matmul_floor_speedups(model, levels, threads, rounds: int = 5) -> dict:
+    """Per concurrency level c: tokens/s of the model's matrix products alone with c rows over
+    the same with one row (median of alternating rounds, measured here with the server
+    stopped). No server can batch better than its matrix products do: this is the ceiling of
+    speedup_over_one_stream for the kernels this machine's PyTorch uses."""
+    if threads:
+        torch.set_num_threads(threads)
+    rates = {c: [] for c in levels}
+    for _ in range(rounds):
+        for c in levels:
+            rates[c].append(matmul_floor_tokens_per_second(model, repeats=10, rows=c))
+    one = statistics.median(rates[levels[0]])
+    return {str(c): statistics.median(r) / one for c, r in rates.items()}
+
+
 def percentile(values, share):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
@@ -120,6 +137,7 @@ def main():
         finally:
             server.terminate()
             server.wait(timeout=30)
+    floor_speedups = matmul_floor_speedups(model, args.concurrency, args.threads)
 
     levels = {}
     for c, samples in runs.items():
@@ -139,6 +157,7 @@ def main():
         "config": vars(args) | {"parameters": sum(p.numel() for p in model.parameters())},
         "concurrent_streams": levels,
         "speedup_over_one_stream": {c: v["tokens_per_second_total"] / one for c, v in levels.items()},
+        "matmul_floor_speedup_over_one_row": floor_speedups,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
