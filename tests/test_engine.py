@@ -3,6 +3,7 @@
 The model is tiny (hidden 64, 2 layers, fp32) and trained for a few dozen steps on the bundled
 pretrain text, so its next-token distributions are peaked: greedy choices have clear margins and
 a batched row that differs from its solo run means a bug, not rounding."""
+import copy
 import json
 from pathlib import Path
 
@@ -306,3 +307,20 @@ def test_compiled_static_decode_step_equals_eager(model, tokenizer, prompts):
     compiled_engine = Engine(model, tokenizer, max_batch_size=3, max_seq_len=128, compile_decode=True)
     compiled = compiled_engine.generate(prompts[:4], greedy(10))
     assert [s.output_ids for s in compiled] == [s.output_ids for s in eager]
+
+
+@pytest.mark.slow
+def test_frozen_decode_step_equals_eager_and_refuses_changed_weights(model, tokenizer, prompts):
+    """freeze_weights: the decode step compiled with the weights pre-packed gives the same greedy
+    tokens (one row, then rows of different lengths), and once any parameter is written it
+    refuses to run rather than decode with its stale copies."""
+    model = copy.deepcopy(model)
+    eager = Engine(model, tokenizer, max_batch_size=3, max_seq_len=128)
+    frozen = Engine(model, tokenizer, max_batch_size=3, max_seq_len=128, freeze_weights=True)
+    for batch in (prompts[:1], prompts[:4]):
+        assert ([s.output_ids for s in frozen.generate(batch, greedy(10))]
+                == [s.output_ids for s in eager.generate(batch, greedy(10))])
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(0.5)
+    with pytest.raises(RuntimeError, match="weights were changed"):
+        frozen.generate(prompts[:1], greedy(2))
