@@ -48,7 +48,8 @@ def start_server(out_dir, args, port, log):
     process = subprocess.Popen(
         [sys.executable, os.path.join(REPO_ROOT, "scripts", "serve_openai_api.py"), "--out_dir", out_dir,
          "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
-         "--device", args.device, "--port", str(port), "--max_batch_size", str(max(args.concurrency))],
+         "--device", args.device, "--port", str(port), "--max_batch_size", str(max(args.concurrency)),
+         "--freeze_weights", str(args.freeze_weights)],
         stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})})
     deadline = time.monotonic() + 120
@@ -116,6 +117,8 @@ def main():
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the concurrency levels")
+    parser.add_argument("--freeze_weights", type=int, default=1 if not torch.cuda.is_available() else 0,
+                        choices=(0, 1), help="the server's --freeze_weights (default: 1 on the CPU)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: torch's)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "server.json"))
     args = parser.parse_args()
@@ -129,7 +132,8 @@ def main():
             server = start_server(out_dir, args, port, log)
         try:
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
-            run_streams(client, 2, 8)  # warm-up
+            run_streams(client, 1, 8)  # warm-up (with --freeze_weights 1: compiles the one-row step,
+            run_streams(client, 4, 8)  # then the several-row one)
             runs = {c: [] for c in args.concurrency}
             for _ in range(args.rounds):
                 for c in args.concurrency:

@@ -924,6 +924,9 @@ def parse_args(argv=None):
     server.add_argument("--temperature", type=float, default=0.85, help="when a request gives none")
     server.add_argument("--top_p", type=float, default=0.85, help="when a request gives none")
     server.add_argument("--max_batch_size", type=int, default=16, help="replies decoded together")
+    server.add_argument("--freeze_weights", type=int, default=0, choices=(0, 1),
+                        help="CPU: compile the decode step with the weights frozen and pre-packed (Engine "
+                             "freeze_weights; batches ~1.5x faster; the first requests wait for compiling)")
     server.add_argument("--max_queue", type=int, default=64,
                         help="replies that may wait for a free slot; beyond that requests get 429")
     return parser.parse_args(argv)
@@ -936,7 +939,8 @@ def build_server(model, tokenizer, args) -> Server:
                          f"(the model's max_position_embeddings)")
     args.max_tokens = min(args.max_tokens, args.context_length)
     args.vocab_size = model.config.vocab_size
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.context_length)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.context_length,
+                    freeze_weights=bool(args.freeze_weights))
     return Server(EngineLoop(engine, max_queue=args.max_queue), tokenizer, args)
 
 
