@@ -1,7 +1,8 @@
 """Latency and throughput of scripts/serve_openai_api.py, measured from the client side.
 
 Starts the server in a subprocess on a free loopback port with a randomly initialised MiniMind of
-the given size (random weights decode exactly as fast as trained ones), then runs 1, 4, 8 and 16
+the given size (random weights decode exactly as fast as trained ones; on the CPU with
+--freeze_weights 1, the decode step compiled with pre-packed weights, compiled during the warm-up), then runs 1, 4, 8 and 16
 concurrent streamed requests, the levels alternating over --rounds so that machine noise hits
 all alike, and reports per level: aggregate completion tokens/s (all streams' tokens over the
 wall time) and time to first token p50/p95. The server batches the running replies (continuous
