@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,10 +111,27 @@ def read_texts(path, skip_bad_lines, bad_lines):
                 raise ValueError(f"{path}:{line_no}: {problem}")
 
 
-def train(data_path, vocab_size, skip_bad_lines=False):
+def pre_tokenizer(split_digits=True):
+    """How a text is cut into pieces before BPE merges inside them.
+
+    1. Every digit is a piece of its own (as in LLaMA and Qwen), so no merge ever joins digits
+       or a space and a digit: "123" is the tokens 1 2 3 whatever stands around it (" 123",
+       "(123)", "x=123", "是123个"). A number then has one spelling in ids, which a small model
+       can copy digit by digit (into a tool call's arguments, say) and do arithmetic on;
+       merged digits would give it "12"+"3" in one place and " 1"+"23" in another.
+    2. Byte-level (GPT-2's rule, as MiniMind2): words with their leading space, runs of
+       punctuation, runs of spaces; every string is bytes, so no <unk> is ever produced and
+       decoding gives back the exact text (spaces before digits included).
+    """
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if not split_digits:  # the rule before: MiniMind2's (only to measure what splitting costs)
+        return byte_level
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"), byte_level])
+
+
+def train(data_path, vocab_size, skip_bad_lines=False, split_digits=True):
     tokenizer = Tokenizer(models.BPE())
-    # Byte-level: every string is representable, no <unk> is ever produced.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizer(split_digits)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -204,6 +221,9 @@ def main():
     parser.add_argument("--out_dir", default=str(ROOT / "model"))
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--skip_bad_lines", action="store_true", help="skip (and count) malformed lines")
+    parser.add_argument("--split_digits", type=int, default=1,
+                        help="1: every digit is a token of its own (see pre_tokenizer); 0: digits merge as in "
+                             "MiniMind2 (to measure what the split costs)")
     args = parser.parse_args()
 
     data_path = args.data_path
@@ -212,7 +232,7 @@ def main():
         print(f"{data_path} not found; using the bundled demo corpus {demo}")
         data_path = str(demo)
     try:
-        tokenizer = train(data_path, args.vocab_size, args.skip_bad_lines)
+        tokenizer = train(data_path, args.vocab_size, args.skip_bad_lines, bool(args.split_digits))
     except ValueError as e:
         sys.exit(f"error: {e}\n(use --skip_bad_lines to skip malformed lines)")
     save(tokenizer, args.out_dir)
