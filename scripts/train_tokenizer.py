@@ -111,10 +111,10 @@ def read_texts(path, skip_bad_lines, bad_lines):
                 raise ValueError(f"{path}:{line_no}: {problem}")
 
 
-def pre_tokenizer(split_digits=True):
+def pre_tokenizer(split_digits=False):
     """How a text is cut into pieces before BPE merges inside them.
 
-    1. Every digit is a piece of its own (as in LLaMA and Qwen), so no merge ever joins digits
+    1. With --split_digits 1, every digit is a piece of its own (as in LLaMA and Qwen), so no merge ever joins digits
        or a space and a digit: "123" is the tokens 1 2 3 whatever stands around it (" 123",
        "(123)", "x=123", "是123个"). A number then has one spelling in ids, which a small model
        can copy digit by digit (into a tool call's arguments, say) and do arithmetic on;
@@ -124,12 +124,12 @@ def pre_tokenizer(split_digits=True):
        decoding gives back the exact text (spaces before digits included).
     """
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if not split_digits:  # the rule before: MiniMind2's (only to measure what splitting costs)
+    if not split_digits:  # the shipped tokenizer's rule (MiniMind2's): digits merge like letters
         return byte_level
     return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"), byte_level])
 
 
-def train(data_path, vocab_size, skip_bad_lines=False, split_digits=True):
+def train(data_path, vocab_size, skip_bad_lines=False, split_digits=False):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizer(split_digits)
     tokenizer.decoder = decoders.ByteLevel()
@@ -221,9 +221,9 @@ def main():
     parser.add_argument("--out_dir", default=str(ROOT / "model"))
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--skip_bad_lines", action="store_true", help="skip (and count) malformed lines")
-    parser.add_argument("--split_digits", type=int, default=1,
-                        help="1: every digit is a token of its own (see pre_tokenizer); 0: digits merge as in "
-                             "MiniMind2 (to measure what the split costs)")
+    parser.add_argument("--split_digits", type=int, default=0,
+                        help="0: digits merge as in MiniMind2 (the shipped tokenizer); 1: every digit is a token of "
+                             "its own (see pre_tokenizer; costs 0-2%% more tokens, bench/results/tokenizer.md)")
     args = parser.parse_args()
 
     data_path = args.data_path

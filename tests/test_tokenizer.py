@@ -157,6 +157,29 @@ def test_train_tokenizer_script_small_vocab(tmp_path):
         turn("system", DEFAULT_SYSTEM) + turn("user", "你好") + turn("assistant", "好"))
 
 
+def test_train_tokenizer_split_digits_gives_a_number_one_spelling(tmp_path):
+    """--split_digits 1: the digits of 123 have the same ids wherever the number stands; with the
+    shipped rule (0) the same corpus merges them differently by context."""
+    from scripts.train_tokenizer import train
+
+    corpus = tmp_path / "corpus.jsonl"
+    texts = [f"x={n} ({n}) 是{n}个 {n}+{n * 3} price {n}" for n in range(100, 400)] * 3
+    write_lines(corpus, [json.dumps({"text": t}, ensure_ascii=False) for t in texts])
+    contexts = [" 123", "(123)", "x=123", "123+456", "是123个", '"123"']
+
+    def ids_of_123(tokenizer, text):  # the ids of the pieces that hold the digits of 123
+        start = text.index("123")
+        encoding = tokenizer.encode(text)
+        return tuple(i for i, (a, b) in zip(encoding.ids, encoding.offsets) if a < start + 3 and b > start)
+
+    split = train(str(corpus), vocab_size=400, split_digits=True)
+    assert {ids_of_123(split, c) for c in contexts} == {tuple(split.token_to_id(d) for d in "123")}
+    assert split.decode(split.encode("x = 123+45 是6个").ids) == "x = 123+45 是6个"
+
+    merged = train(str(corpus), vocab_size=400, split_digits=False)
+    assert len({ids_of_123(merged, c) for c in contexts}) > 1
+
+
 @pytest.mark.parametrize("bad_line,problem", [("not json {", "not valid JSON"), ('{"txt": "x"}', '"text"')])
 def test_train_tokenizer_reports_bad_line_number(tmp_path, bad_line, problem):
     from scripts.train_tokenizer import BadLineCounter, read_texts
