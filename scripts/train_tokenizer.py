@@ -114,11 +114,12 @@ def read_texts(path, skip_bad_lines, bad_lines):
 def pre_tokenizer(split_digits=False):
     """How a text is cut into pieces before BPE merges inside them.
 
-    1. With --split_digits 1, every digit is a piece of its own (as in LLaMA and Qwen), so no merge ever joins digits
-       or a space and a digit: "123" is the tokens 1 2 3 whatever stands around it (" 123",
-       "(123)", "x=123", "是123个"). A number then has one spelling in ids, which a small model
-       can copy digit by digit (into a tool call's arguments, say) and do arithmetic on;
-       merged digits would give it "12"+"3" in one place and " 1"+"23" in another.
+    1. With --split_digits 1, every digit is a piece of its own (as in LLaMA and Qwen), so no
+       merge ever joins digits or a space and a digit: "123" is the tokens 1 2 3 whatever stands
+       around it (" 123", "(123)", "x=123", "是123个"). A number then has one spelling in ids,
+       which a small model can copy digit by digit (into a tool call's arguments, say) and do
+       arithmetic on; merged digits give it "12"+"3" in one place and " 1"+"23" in another.
+       The shipped tokenizer merges digits (--split_digits 0): see bench/results/tokenizer.md.
     2. Byte-level (GPT-2's rule, as MiniMind2): words with their leading space, runs of
        punctuation, runs of spaces; every string is bytes, so no <unk> is ever produced and
        decoding gives back the exact text (spaces before digits included).
