@@ -366,15 +366,15 @@ class Engine:
         (rows, vocab) for the token after it. Rows sit in slots 0..B-1 (see free_finished_slots)."""
         if self.static_decode is not None:
             return self.static_decode(sequences)
-        if self.frozen_decode is not None:
-            return self.frozen_decode.decode(sequences)
         lengths = [s.length - 1 for s in sequences]  # the newest token is not in the cache yet
         input_ids = torch.tensor([[s.output_ids[-1]] for s in sequences], device=self.device)
         positions = torch.tensor(lengths, device=self.device)[:, None]
         key_len = max(lengths) + 1
+        if self.frozen_decode is not None:
+            return self.frozen_decode.decode(input_ids, positions, key_len)
         mask = None  # rows of equal length need none (a single row never does)
         if min(lengths) != max(lengths):
-            mask = (torch.arange(key_len, device=self.device) <= positions)[:, None, None, :]
+            mask = key_mask(positions, key_len)
         hidden = self.forward(input_ids, positions, CacheView(self.cache, 0, positions, key_len), mask)
         return self.model.lm_head(hidden[:, -1]).float()
 
@@ -576,6 +576,12 @@ def top_alternatives(logprobs: torch.Tensor, k) -> list[list[tuple[int, float]]]
 # A captured decode step (static shapes, for CUDA graphs)
 # ----------------------------------------------------------------------------------------------
 
+def key_mask(positions: torch.Tensor, key_len: int) -> torch.Tensor:
+    """(rows, 1, 1, key_len): True where a row's query at `positions` may attend a cached key
+    (its own earlier tokens); longer rows' extra keys are hidden from shorter rows."""
+    return (torch.arange(key_len, device=positions.device) <= positions)[:, None, None, :]
+
+
 class StaticDecodeStep:
     """decode() with the same shapes every step, so torch.compile can capture it once.
 
@@ -596,9 +602,8 @@ class StaticDecodeStep:
     def eager_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         engine = self.engine
         key_len = engine.max_seq_len
-        mask = (torch.arange(key_len, device=positions.device) <= positions)[:, None, None, :]
         view = CacheView(engine.cache, 0, positions, key_len, static=True)
-        hidden = engine.forward(input_ids, positions, view, mask)
+        hidden = engine.forward(input_ids, positions, view, key_mask(positions, key_len))
         return engine.model.lm_head(hidden[:, -1]).float()
 
     def __call__(self, sequences: list[Sequence]) -> torch.Tensor:
@@ -641,22 +646,20 @@ class FrozenDecodeStep(torch.nn.Module):
         return [(w.data_ptr(), w._version) for w in self.weights]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, key_len: int) -> torch.Tensor:
-        mask = (torch.arange(key_len, device=positions.device) <= positions)[:, None, None, :]
         view = CacheView(self.cache, 0, positions, key_len, static=True)
-        hidden, _, _ = self.model.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
+        hidden, _, _ = self.model.model(input_ids=input_ids, position_ids=positions,
+                                        attention_mask=key_mask(positions, key_len),
                                         past_key_values=view, use_cache=True)
         return self.model.lm_head(hidden[:, -1]).float()
 
-    def decode(self, sequences: list[Sequence]) -> torch.Tensor:
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, key_len: int) -> torch.Tensor:
+        """Engine.decode's step, compiled; its inputs as Engine.decode builds them."""
         if self.weight_versions() != self.versions:
             raise RuntimeError("the model's weights were changed after the engine froze them (freeze_weights): "
                                "its compiled step would still use the old ones; build a new Engine")
-        lengths = [s.length - 1 for s in sequences]
-        input_ids = torch.tensor([[s.output_ids[-1]] for s in sequences], device=self.cache.keys[0].device)
-        positions = torch.tensor(lengths, device=input_ids.device)[:, None]
         # freezing is a global inductor setting: on for this step's compilations only
         with torch._inductor.config.patch(freezing=True):
-            return self.compiled(input_ids, positions, max(lengths) + 1)
+            return self.compiled(input_ids, positions, key_len)
 
 
 # ----------------------------------------------------------------------------------------------
