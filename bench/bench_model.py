@@ -99,24 +99,22 @@ def decode_matmuls(model, rows: int = 1):
 
 
 @torch.no_grad()
-def matmuls_alone(model, steps: int) -> int:
-    """The decoding ceiling run like a decoder: `steps` tokens' matrix products and nothing else.
-    A decoder with the same weights, precision and PyTorch kernels cannot be faster."""
-    step = decode_matmuls(model)
+def matmuls_alone(model, steps: int, rows: int = 1) -> int:
+    """The decoding ceiling run like a decoder: `steps` steps' matrix products for `rows` rows and
+    nothing else; returns the tokens. A decoder with the same weights, precision and PyTorch
+    kernels cannot be faster."""
+    step = decode_matmuls(model, rows)
     for _ in range(steps):
         step()
-    return steps
+    return steps * rows
 
 
-@torch.no_grad()
 def matmul_floor_tokens_per_second(model, repeats: int = 20, rows: int = 1) -> float:
-    """Tokens/s of decode_matmuls alone (after one untimed step): the ceiling for `rows` rows."""
-    step = decode_matmuls(model, rows)
-    step()
+    """Tokens/s of matmuls_alone (after one untimed step): the ceiling for `rows` rows."""
+    matmuls_alone(model, 1, rows)
     start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return rows * repeats / (time.perf_counter() - start)
+    tokens = matmuls_alone(model, repeats, rows)
+    return tokens / (time.perf_counter() - start)
 
 
 @torch.no_grad()
