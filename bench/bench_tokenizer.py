@@ -247,6 +247,7 @@ def main():
     tok = AutoTokenizer.from_pretrained(args.tokenizer_dir)
     ref = AutoTokenizer.from_pretrained(args.reference_dir) if args.reference_dir else None
     rows = {}
+    tokenizers = {"this tokenizer": tok, **({"MiniMind2": ref} if ref else {})}
     heldout = heldout_texts(args.zh_assistant_dir, args.en_instructions_file)
     for name, (kind, description, texts) in heldout.items():
         row = {"kind": kind, "text": description, "texts": len(texts or []), "chars": sum(map(len, texts or [])),
@@ -265,9 +266,9 @@ def main():
         "vocab_size": len(tok),
         "goal_ratio_by_kind": GOALS,
         "heldout": rows,
-        "common_word_tokens": {"this tokenizer": word_tokens(tok), **({"MiniMind2": word_tokens(ref)} if ref else {})},
+        "common_word_tokens": {name: word_tokens(t) for name, t in tokenizers.items()},
         "frequent_words": frequent_word_check(
-            {"this tokenizer": tok, **({"MiniMind2": ref} if ref else {})},
+            tokenizers,
             {"en": ("the Self-Instruct text (4+ letters, after a space)",
                     heldout["en_instructions"][2] and frequent_english_words(heldout["en_instructions"][2])),
              "zh": ("the Chinese assistant answers (two characters, jieba's segmentation)",
