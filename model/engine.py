@@ -524,9 +524,8 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     probs = torch.softmax(logits / temperature[:, None], dim=-1)
     nucleus = top_p < 1.0
     if nucleus.any():
-        cut = probs[nucleus]
-        cut[cut < nucleus_threshold(cut, top_p[nucleus])[:, None]] = 0.0  # outside: never drawn
-        probs[nucleus] = cut
+        threshold = torch.where(nucleus, nucleus_threshold(probs, top_p), 0.0)
+        probs = probs.masked_fill(probs < threshold[:, None], 0.0)  # outside the nucleus: never drawn
     return inverse_cdf(probs, uniforms)
 
 
@@ -745,17 +744,28 @@ class EngineLoop:
     a submitted sequence joins the running batch at the next step and leaves when it ends).
 
     submit() may be called from any thread; each sequence's on_output(StepOutput) callback is
-    called on the engine thread and must return quickly (hand the output to another thread)."""
+    called on the engine thread and must return quickly (hand the output to another thread).
 
-    def __init__(self, engine: Engine, max_queue: int = 64):
+    With start_thread=False no thread is started: the caller runs run() on a thread it chooses
+    and calls close() once run() has returned or was interrupted. The API server runs it on its
+    main thread, the one that loaded the model: PyTorch's CPU worker threads (an OpenMP team)
+    belong to the thread that first ran a parallel operation, and a second thread doing tensor
+    work gets a second team. With more OpenMP threads than cores, libgomp stops spinning between
+    parallel regions and puts its workers to sleep instead, and a decode step is hundreds of
+    short parallel regions: on 2 cores the step ran 20-40% slower that way (measured with
+    bench/bench_server.py)."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64, start_thread: bool = True):
         self.engine, self.max_queue = engine, max_queue
         self.inbox: list[tuple[list, SamplingParams, object]] = []
         self.inbox_size = 0
         self.wakeup = threading.Condition()
-        self.error_handler = None
         self.closed = False
-        self.thread = threading.Thread(target=self.run, name="minimind-engine", daemon=True)
-        self.thread.start()
+        self.running = False
+        self.thread = None
+        if start_thread:
+            self.thread = threading.Thread(target=self.run, name="minimind-engine", daemon=True)
+            self.thread.start()
 
     def submit(self, prompt_ids: list[int], params: list[SamplingParams], on_output) -> list[Sequence]:
         """Queue len(params) sequences of one prompt (n replies: their prefill is shared) and
@@ -793,19 +803,31 @@ class EngineLoop:
         return read()
 
     def close(self) -> None:
-        """Stop the thread; sequences still running or waiting end as "cancelled"."""
+        """Stop the loop; sequences still running or waiting end as "cancelled"."""
         with self.wakeup:
             self.closed = True
             self.wakeup.notify()
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
+        elif not self.running:  # run() was interrupted (Ctrl-C on the thread running it)
+            with self.wakeup:
+                submitted = self.take_inbox()
+            self.cancel_all(submitted)
 
     def run(self) -> None:
+        """Step the engine while there is work, wait for work otherwise, until close()."""
+        self.running = True
+        try:
+            self.loop()
+        finally:
+            self.running = False
+
+    def loop(self) -> None:
         while True:
             with self.wakeup:
                 while not self.inbox and not self.engine.has_work() and not self.closed:
                     self.wakeup.wait()
-                submitted = [sequence for sequences in self.inbox for sequence in sequences]
-                self.inbox, self.inbox_size = [], 0
+                submitted = self.take_inbox()
             if self.closed:
                 self.cancel_all(submitted)
                 return
@@ -821,6 +843,12 @@ class EngineLoop:
                 outputs += self.fail_all(error)
             for output in outputs:
                 output.sequence.on_output(output)
+
+    def take_inbox(self) -> list[Sequence]:
+        """The sequences submitted since the last step (the caller holds self.wakeup)."""
+        submitted = [sequence for sequences in self.inbox for sequence in sequences]
+        self.inbox, self.inbox_size = [], 0
+        return submitted
 
     def cancel_all(self, submitted: list[Sequence]) -> None:
         engine = self.engine

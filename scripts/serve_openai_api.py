@@ -11,9 +11,10 @@ lm-evaluation-harness's local-completions):
     GET  /v1/models, GET /health
 
 How it serves many clients at once (continuous batching): every request is checked and
-tokenized as it arrives, then handed to one engine thread (model/engine.py's EngineLoop) that
-decodes all running replies together, one token each per step. A new request joins at the next
-step and leaves when its reply ends or its client disconnects. At most --max_batch_size replies
+tokenized as it arrives on the HTTP thread, then handed to the engine (model/engine.py's
+EngineLoop, on the main thread) that decodes all running replies together, one token each per
+step. A new request joins at the next step and leaves when its reply ends or its client
+disconnects. At most --max_batch_size replies
 run together; up to --max_queue more wait, and beyond that a request is answered 429.
 
 Tools (as OpenAI): `tools` are listed in the prompt in minimind-3's format (model/tools.py); a
@@ -30,6 +31,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -932,7 +934,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build_server(model, tokenizer, args) -> Server:
+def build_server(model, tokenizer, args, engine_thread: bool = True) -> Server:
+    """The server's state; with engine_thread=False the caller runs server.engine_loop.run()."""
     model_context = model.config.max_position_embeddings
     if not 1 < args.context_length <= model_context:
         raise SystemExit(f"error: --context_length {args.context_length} must be in 2..{model_context} "
@@ -941,18 +944,40 @@ def build_server(model, tokenizer, args) -> Server:
     args.vocab_size = model.config.vocab_size
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.context_length,
                     freeze_weights=bool(args.freeze_weights))
-    return Server(EngineLoop(engine, max_queue=args.max_queue), tokenizer, args)
+    return Server(EngineLoop(engine, max_queue=args.max_queue, start_thread=engine_thread), tokenizer, args)
+
+
+def serve(http: uvicorn.Server, engine_loop: EngineLoop) -> int:
+    """Run the HTTP server on a second thread and the engine on this one, the thread that loaded
+    the model, until Ctrl-C or SIGTERM (why this way round: EngineLoop's docstring; the HTTP
+    thread does no tensor work). Requests still running then end as cancelled."""
+    http_thread = threading.Thread(target=http.run, name="http", daemon=True)
+    http_thread.start()
+    while not http.started:
+        if not http_thread.is_alive():  # it could not start (e.g. the port is taken); uvicorn said why
+            return 1
+        time.sleep(0.05)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a SystemExit here, handled like Ctrl-C
+    try:
+        engine_loop.run()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        engine_loop.close()
+        http.should_exit = True
+        http_thread.join(timeout=30)
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     model, tokenizer = load_model_or_exit(args)
-    server = build_server(model, tokenizer, args)
+    server = build_server(model, tokenizer, args, engine_thread=False)
     auth = "Bearer token required" if args.api_key else "no auth"
     print(f"serving {args.model_name} on http://{args.host}:{args.port}/v1 ({auth}, context {args.context_length}, "
           f"batch {args.max_batch_size})", flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info")
-    return 0
+    http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="info"))
+    return serve(http, server.engine_loop)
 
 
 if __name__ == "__main__":

@@ -197,6 +197,32 @@ def test_engine_loop_stream_and_close(model, tokenizer, prompts):
         loop.stream(prompts[0], greedy(5))
 
 
+def test_engine_loop_on_the_caller_s_thread_until_interrupted(model, tokenizer, prompts):
+    """start_thread=False (the server's way): run() steps on the thread that calls it, here
+    this one; a reply read on another thread is the same as alone; after run() is interrupted,
+    close() ends what is left as cancelled."""
+    import threading
+
+    loop = EngineLoop(Engine(model, tokenizer, max_batch_size=2, max_seq_len=256), start_thread=False)
+    assert loop.thread is None
+    stepping_threads, step = set(), loop.engine.step
+    loop.engine.step = lambda: (stepping_threads.add(threading.get_ident()), step())[1]
+    reply, left = [], []
+
+    def client():
+        reply.extend(o.token_id for o in loop.stream(prompts[0], greedy(20)) if o.token_id is not None)
+        left.append(loop.stream(prompts[1], greedy(200)))
+        loop.engine.step = lambda: (_ for _ in ()).throw(KeyboardInterrupt)  # Ctrl-C at the next step
+
+    threading.Thread(target=client).start()
+    with pytest.raises(KeyboardInterrupt):
+        loop.run()
+    assert stepping_threads == {threading.get_ident()}
+    assert reply == solo(model, tokenizer, prompts[0], greedy(20)).output_ids
+    loop.close()
+    assert [o.finish_reason for o in left[0]][-1] == "cancelled"
+
+
 def test_stops_and_cancellation_free_slots_and_leave_other_rows_intact(model, tokenizer, prompts):
     reference = {i: solo(model, tokenizer, p, greedy(30)).output_ids for i, p in enumerate(prompts[:4])}
     stop_text = tokenizer.decode(reference[1][4:6])

@@ -7,6 +7,7 @@ The server runs a tiny random MiniMind (gibberish text, deterministic at tempera
 and with --context_length 2048 so a too-long prompt is cheap to send."""
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -410,6 +411,46 @@ def test_a_full_queue_answers_429_and_bad_requests_are_answered_at_once(busy_ser
     reply = openai.OpenAI(base_url=busy_server, api_key="none", max_retries=0, timeout=60).chat.completions.create(
         model="minimind", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert reply.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_ends_the_streams_in_flight_and_the_server(out_dir, tmp_path, stop_signal):
+    """The engine runs on the server's main thread, uvicorn on another: a stop signal must end
+    both, the replies still running ending as cancelled, not leave a process behind."""
+    port = free_port()
+    with open(tmp_path / "server.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--out_dir", str(out_dir),
+             "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--port", str(port),
+             "--context_length", str(CONTEXT)], stdout=log, stderr=subprocess.STDOUT, cwd=out_dir)
+    try:
+        base_url = f"http://127.0.0.1:{port}/v1"
+        wait_until_serving(base_url + "/models", process, tmp_path / "server.log")
+        body = {"model": "minimind", "messages": [{"role": "user", "content": "go on forever"}], "stream": True,
+                "max_tokens": CONTEXT - 30, "temperature": 0}
+        with httpx.stream("POST", base_url + "/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            process.send_signal(stop_signal)
+            rest = list(lines)  # the stream ends instead of hanging
+        assert process.wait(timeout=30) == 0
+        finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest
+                  if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+        assert finish[-1] == "cancelled" and len(rest) < CONTEXT - 30
+    finally:
+        process.kill()
+
+
+def test_a_port_in_use_is_an_error_exit_not_a_server_without_http(out_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--out_dir", str(out_dir),
+             "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu",
+             "--port", str(taken.getsockname()[1])], capture_output=True, text=True, cwd=out_dir, timeout=120)
+    assert result.returncode == 1
+    assert "address already in use" in (result.stdout + result.stderr).lower()
 
 
 def test_an_engine_error_ends_a_stream_with_an_error_event(local):
