@@ -10,8 +10,9 @@ Runs alternate between the two models so that machine noise hits both alike.
 Decoding one sequence multiplies every weight matrix by one vector per token. When the weights
 do not fit in the CPU caches (26M fp32 = 103 MB), those matrix-vector products take nearly all
 of the step, whatever the code around them does; so the script also times them alone (the
-ceiling for any decoder of the same weights, precision and kernels), and repeats the decode
-comparison with a small model that fits in the caches, where what is timed is the per-token
+ceiling for any decoder of the same weights, precision and kernels) and, for the engine with
+freeze_weights=True (its step compiled with pre-packed weights), the same products with the
+weights pre-packed as it has them (`_packed`); and it repeats the decode comparison with a small model that fits in the caches, where what is timed is the per-token
 overhead of each generation loop (`--small_hidden_size/--small_layers`).
 
     python bench/bench_model.py                 # writes bench/results/model.json
@@ -86,6 +87,15 @@ def minimind_decode(model, prompt, new_tokens):
     return engine.generate([prompt.view(-1).tolist()], params)[0].output_ids
 
 
+def frozen_decoder(model, prompt_len: int, new_tokens: int):
+    """The engine with freeze_weights=True (the server's --freeze_weights 1): its decode step
+    compiled with the weights pre-packed. Built once; it compiles at its first call."""
+    from model.engine import Engine, SamplingParams
+    engine = Engine(model, None, max_batch_size=1, max_seq_len=prompt_len + new_tokens, freeze_weights=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, stop_token_ids=())
+    return lambda prompt: engine.generate([prompt.view(-1).tolist()], params)[0].output_ids
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -107,6 +117,33 @@ def matmuls_alone(model, steps: int, rows: int = 1) -> int:
     for _ in range(steps):
         step()
     return steps * rows
+
+
+class DecodeProducts(torch.nn.Module):
+    """decode_matmuls as a module, so that torch.compile's freezing pre-packs its weights as it
+    does the frozen decode step's: the ceiling for the frozen engine, with its own kernels."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.linears = torch.nn.ModuleList(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    def forward(self, vectors: dict):
+        # the vectors are inputs: were they constants too, freezing would fold the products away
+        return [linear(vectors[linear.in_features]) for linear in self.linears]
+
+
+def packed_matmuls(model, steps_per_call: int):
+    """A callable running steps_per_call steps of DecodeProducts, compiled with freezing."""
+    products = torch.compile(DecodeProducts(model))
+    vectors = {m.in_features: torch.randn(1, m.in_features) for m in products.linears}
+
+    @torch.no_grad()
+    def run():
+        with torch._inductor.config.patch(freezing=True):
+            for _ in range(steps_per_call):
+                products(vectors)
+        return steps_per_call
+    return run
 
 
 def matmul_floor_tokens_per_second(model, repeats: int = 20, rows: int = 1) -> float:
@@ -136,11 +173,14 @@ def compare_decoding(minimind, llama, prompt_len, new_tokens, rounds) -> dict:
     minimind.eval(), llama.eval()
     prompt = torch.randint(3, minimind.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(2))
     greedy = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    frozen = frozen_decoder(minimind, prompt_len, new_tokens)
     runners = {
         "minimind_routine": lambda: len(minimind_decode(minimind, prompt, new_tokens)),
+        "minimind_frozen": lambda: len(frozen(prompt)),
         "llama_generate": lambda: llama.generate(prompt, **greedy).shape[1] - prompt_len,
         "minimind_generate": lambda: minimind.generate(prompt, **greedy).shape[1] - prompt_len,
         "matmuls_alone": lambda: matmuls_alone(minimind, new_tokens),
+        "matmuls_alone_packed": packed_matmuls(minimind, new_tokens),
     }
     for run in runners.values():  # warm-up
         time_decode(run, new_tokens, 1)
@@ -188,8 +228,10 @@ def main():
     check_same_function(small_minimind, small_llama)
     decode_small = compare_decoding(small_minimind, small_llama, args.prompt_len, args.new_tokens, args.rounds)
     ceiling_runs = decode.pop("matmuls_alone")
-    floor = statistics.median(ceiling_runs)
-    decode_small.pop("matmuls_alone")  # the small model's ceiling is not reported
+    packed_runs = decode.pop("matmuls_alone_packed")
+    floor, packed_floor = statistics.median(ceiling_runs), statistics.median(packed_runs)
+    for name in ("matmuls_alone", "matmuls_alone_packed"):
+        decode_small.pop(name)  # the small model's ceilings are not reported
 
     tokens_per_step = args.batch_size * args.seq_len
     step_minimind = statistics.median(train["minimind"]) if train["minimind"] else None
@@ -214,6 +256,10 @@ def main():
             "matmuls_alone_tokens_per_second_runs": ceiling_runs,
             "minimind_routine_share_of_ceiling": statistics.median(decode["minimind_routine"]) / floor,
             "llama_generate_share_of_ceiling": statistics.median(decode["llama_generate"]) / floor,
+            "minimind_frozen_share_of_ceiling": statistics.median(decode["minimind_frozen"]) / floor,
+            "matmuls_alone_packed_tokens_per_second": packed_floor,
+            "matmuls_alone_packed_tokens_per_second_runs": packed_runs,
+            "minimind_frozen_share_of_packed_ceiling": statistics.median(decode["minimind_frozen"]) / packed_floor,
         },
         "decode_small_model": {
             "hidden_size": args.small_hidden_size, "num_hidden_layers": args.small_layers,
