@@ -746,14 +746,17 @@ class EngineLoop:
     submit() may be called from any thread; each sequence's on_output(StepOutput) callback is
     called on the engine thread and must return quickly (hand the output to another thread).
 
-    With start_thread=False no thread is started: the caller runs run() on a thread it chooses
-    and calls close() once run() has returned or was interrupted. The API server runs it on its
-    main thread, the one that loaded the model: PyTorch's CPU worker threads (an OpenMP team)
-    belong to the thread that first ran a parallel operation, and a second thread doing tensor
-    work gets a second team. With more OpenMP threads than cores, libgomp stops spinning between
-    parallel regions and puts its workers to sleep instead, and a decode step is hundreds of
-    short parallel regions: on 2 cores the step ran 20-40% slower that way (measured with
-    bench/bench_server.py)."""
+    The engine should step on the thread that loaded the model. PyTorch's CPU worker threads (an
+    OpenMP team) belong to the thread that first ran a parallel operation, and a second thread
+    doing tensor work gets a second team. With more OpenMP threads than cores, libgomp stops
+    spinning between parallel regions and puts its workers to sleep instead, and a decode step is
+    hundreds of short parallel regions: on 2 cores the step ran 20-40% slower that way (measured
+    with bench/bench_server.py). Two ways to get it right:
+      - start_thread=False: no thread is started; the caller runs run() on a thread it chooses
+        and calls close() once run() has returned or was interrupted (the API server: its main
+        thread, which loaded the model);
+      - EngineLoop.building(build_engine): the loop's own thread loads the model (the web demo,
+        where Streamlit's short-lived threads would otherwise do it)."""
 
     def __init__(self, engine: Engine, max_queue: int = 64, start_thread: bool = True):
         self.engine, self.max_queue = engine, max_queue
@@ -766,6 +769,30 @@ class EngineLoop:
         if start_thread:
             self.thread = threading.Thread(target=self.run, name="minimind-engine", daemon=True)
             self.thread.start()
+
+    @classmethod
+    def building(cls, build_engine, max_queue: int = 64) -> "EngineLoop":
+        """A loop whose thread first calls build_engine() (load the model and make its Engine
+        there), then runs; returns once the engine is built, raising what build_engine raised."""
+        loop = cls(None, max_queue, start_thread=False)
+        built, failure = threading.Event(), []
+
+        def build_then_run():
+            try:
+                loop.engine = build_engine()
+            except BaseException as error:  # handed to the caller, who re-raises it
+                failure.append(error)
+                return
+            finally:
+                built.set()
+            loop.run()
+
+        loop.thread = threading.Thread(target=build_then_run, name="minimind-engine", daemon=True)
+        loop.thread.start()
+        built.wait()
+        if failure:
+            raise failure[0]
+        return loop
 
     def submit(self, prompt_ids: list[int], params: list[SamplingParams], on_output) -> list[Sequence]:
         """Queue len(params) sequences of one prompt (n replies: their prefill is shared) and

@@ -106,9 +106,13 @@ def load_cached(kind: str, path: str, mode: int, lora_name: str | None, device: 
         sizes = sizes_of_checkpoint(path)  # the size flags are read off the file itself
         args = model_args(load=0, out_dir=str(Path(path).parent), model_mode=mode, lora_name=lora_name,
                           device=device, tokenizer_path=tokenizer_path, **sizes)
-    model, tokenizer = load_model(args)
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=context_length)
-    return LoadedModel(model, tokenizer, EngineLoop(engine))
+
+    def build_engine():  # on the engine's own thread, which should hold the model (EngineLoop's docstring)
+        model, tokenizer = load_model(args)
+        return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=context_length)
+
+    engine_loop = EngineLoop.building(build_engine)
+    return LoadedModel(engine_loop.engine.model, engine_loop.engine.tokenizer, engine_loop)
 
 
 # ----------------------------------------------------------------------------------------------

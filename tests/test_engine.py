@@ -223,6 +223,27 @@ def test_engine_loop_on_the_caller_s_thread_until_interrupted(model, tokenizer, 
     assert [o.finish_reason for o in left[0]][-1] == "cancelled"
 
 
+def test_engine_loop_building_loads_on_its_own_thread_and_reports_a_failed_build(model, tokenizer, prompts):
+    import threading
+
+    threads = {}
+
+    def build_engine():
+        threads["built"] = threading.get_ident()
+        engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=256)
+        step = engine.step
+        engine.step = lambda: (threads.setdefault("stepped", threading.get_ident()), step())[1]
+        return engine
+
+    loop = EngineLoop.building(build_engine)
+    reply = [o.token_id for o in loop.stream(prompts[0], greedy(20)) if o.token_id is not None]
+    loop.close()
+    assert reply == solo(model, tokenizer, prompts[0], greedy(20)).output_ids
+    assert threads["built"] == threads["stepped"] == loop.thread.ident != threading.get_ident()
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        EngineLoop.building(lambda: (_ for _ in ()).throw(FileNotFoundError("no such checkpoint")))
+
+
 def test_stops_and_cancellation_free_slots_and_leave_other_rows_intact(model, tokenizer, prompts):
     reference = {i: solo(model, tokenizer, p, greedy(30)).output_ids for i, p in enumerate(prompts[:4])}
     stop_text = tokenizer.decode(reference[1][4:6])
