@@ -829,6 +829,13 @@ class EngineLoop:
                 sequence.cancel()
         return read()
 
+    def stop_soon(self) -> None:
+        """Ask run() to return after the current step, the sequences still running or waiting
+        ending as "cancelled". Safe in a signal handler on the thread that runs run()."""
+        self.closed = True
+        with self.wakeup:  # (reentrant: the handler may interrupt this thread inside the lock)
+            self.wakeup.notify()
+
     def close(self) -> None:
         """Stop the loop; sequences still running or waiting end as "cancelled"."""
         with self.wakeup:
@@ -853,7 +860,8 @@ class EngineLoop:
         while True:
             with self.wakeup:
                 while not self.inbox and not self.engine.has_work() and not self.closed:
-                    self.wakeup.wait()
+                    self.wakeup.wait(timeout=1.0)  # (a stop_soon() from a signal handler can come
+                    # between the check and the wait, its notify then lost: look again each second)
                 submitted = self.take_inbox()
             if self.closed:
                 self.cancel_all(submitted)

@@ -957,11 +957,17 @@ def serve(http: uvicorn.Server, engine_loop: EngineLoop) -> int:
         if not http_thread.is_alive():  # it could not start (e.g. the port is taken); uvicorn said why
             return 1
         time.sleep(0.05)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a SystemExit here, handled like Ctrl-C
+
+    def stop(signum, frame):
+        # A signal handler runs between two bytecodes of the engine loop: raising there
+        # (KeyboardInterrupt) could leave a step half done, so it only asks the loop to stop.
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / SIGTERM ends the process at once
+        engine_loop.stop_soon()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):  # (also when the shell started us ignoring SIGINT)
+        signal.signal(signum, stop)
     try:
         engine_loop.run()
-    except (KeyboardInterrupt, SystemExit):
-        pass
     finally:
         engine_loop.close()
         http.should_exit = True

@@ -197,10 +197,11 @@ def test_engine_loop_stream_and_close(model, tokenizer, prompts):
         loop.stream(prompts[0], greedy(5))
 
 
-def test_engine_loop_on_the_caller_s_thread_until_interrupted(model, tokenizer, prompts):
+@pytest.mark.parametrize("stopped_by", ["stop_soon", "KeyboardInterrupt"])
+def test_engine_loop_on_the_caller_s_thread_until_stopped(model, tokenizer, prompts, stopped_by):
     """start_thread=False (the server's way): run() steps on the thread that calls it, here
-    this one; a reply read on another thread is the same as alone; after run() is interrupted,
-    close() ends what is left as cancelled."""
+    this one; a reply read on another thread is the same as alone. Stopped by stop_soon() (the
+    server's signal handler) or interrupted, what is left ends as cancelled."""
     import threading
 
     loop = EngineLoop(Engine(model, tokenizer, max_batch_size=2, max_seq_len=256), start_thread=False)
@@ -212,11 +213,17 @@ def test_engine_loop_on_the_caller_s_thread_until_interrupted(model, tokenizer, 
     def client():
         reply.extend(o.token_id for o in loop.stream(prompts[0], greedy(20)) if o.token_id is not None)
         left.append(loop.stream(prompts[1], greedy(200)))
-        loop.engine.step = lambda: (_ for _ in ()).throw(KeyboardInterrupt)  # Ctrl-C at the next step
+        if stopped_by == "stop_soon":
+            loop.stop_soon()
+        else:
+            loop.engine.step = lambda: (_ for _ in ()).throw(KeyboardInterrupt)  # Ctrl-C at the next step
 
     threading.Thread(target=client).start()
-    with pytest.raises(KeyboardInterrupt):
+    if stopped_by == "stop_soon":
         loop.run()
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run()
     assert stepping_threads == {threading.get_ident()}
     assert reply == solo(model, tokenizer, prompts[0], greedy(20)).output_ids
     loop.close()
