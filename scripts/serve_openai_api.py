@@ -14,8 +14,8 @@ How it serves many clients at once (continuous batching): every request is check
 tokenized as it arrives on the HTTP thread, then handed to the engine (model/engine.py's
 EngineLoop, on the main thread) that decodes all running replies together, one token each per
 step. A new request joins at the next step and leaves when its reply ends or its client
-disconnects. At most --max_batch_size replies
-run together; up to --max_queue more wait, and beyond that a request is answered 429.
+disconnects. At most --max_batch_size replies run together; up to --max_queue more wait, and
+beyond that a request is answered 429.
 
 Tools (as OpenAI): `tools` are listed in the prompt in minimind-3's format (model/tools.py); a
 reply with <tool_call> blocks comes back as message.tool_calls with finish_reason "tool_calls"
