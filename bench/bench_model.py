@@ -12,8 +12,9 @@ do not fit in the CPU caches (26M fp32 = 103 MB), those matrix-vector products t
 of the step, whatever the code around them does; so the script also times them alone (the
 ceiling for any decoder of the same weights, precision and kernels) and, for the engine with
 freeze_weights=True (its step compiled with pre-packed weights), the same products with the
-weights pre-packed as it has them (`_packed`); and it repeats the decode comparison with a small model that fits in the caches, where what is timed is the per-token
-overhead of each generation loop (`--small_hidden_size/--small_layers`).
+weights pre-packed as it has them (`_packed`). It repeats the decode comparison with a small
+model that fits in the caches, where what is timed is the per-token overhead of each generation
+loop (`--small_hidden_size/--small_layers`).
 
     python bench/bench_model.py                 # writes bench/results/model.json
     python bench/bench_model.py --steps 2 --batch_size 2 --seq_len 128 --new_tokens 32   # quick
@@ -100,12 +101,29 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def decode_matmuls(model, rows: int = 1):
+class DecodeProducts(torch.nn.Module):
     """One decoding step's matrix products: every Linear weight of the model (the tied output
-    matrix included), in order, each times `rows` token vectors (1: batch-1 decoding)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    vectors = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
-    return lambda: [torch.nn.functional.linear(vectors[w.shape[1]], w) for w in weights]
+    matrix included), in order, each times its token vectors. A module, so that torch.compile's
+    freezing can pre-pack its weights as it does the frozen decode step's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.linears = torch.nn.ModuleList(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    def step_inputs(self, rows: int) -> dict:
+        """`rows` token vectors per input width (1 row: batch-1 decoding). They are passed in,
+        not held: were they constants too, freezing would fold the products away."""
+        return {m.in_features: torch.randn(rows, m.in_features) for m in self.linears}
+
+    def forward(self, vectors: dict):
+        return [torch.nn.functional.linear(vectors[m.in_features], m.weight) for m in self.linears]
+
+
+def decode_matmuls(model, rows: int = 1):
+    """A callable running one step of DecodeProducts for `rows` rows, the plain (eager) kernels."""
+    products = DecodeProducts(model)
+    vectors = products.step_inputs(rows)
+    return lambda: products(vectors)
 
 
 @torch.no_grad()
@@ -119,29 +137,18 @@ def matmuls_alone(model, steps: int, rows: int = 1) -> int:
     return steps * rows
 
 
-class DecodeProducts(torch.nn.Module):
-    """decode_matmuls as a module, so that torch.compile's freezing pre-packs its weights as it
-    does the frozen decode step's: the ceiling for the frozen engine, with its own kernels."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.linears = torch.nn.ModuleList(m for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-    def forward(self, vectors: dict):
-        # the vectors are inputs: were they constants too, freezing would fold the products away
-        return [linear(vectors[linear.in_features]) for linear in self.linears]
-
-
 def packed_matmuls(model, steps_per_call: int):
-    """A callable running steps_per_call steps of DecodeProducts, compiled with freezing."""
-    products = torch.compile(DecodeProducts(model))
-    vectors = {m.in_features: torch.randn(1, m.in_features) for m in products.linears}
+    """A callable running steps_per_call one-row steps of DecodeProducts compiled with freezing:
+    the ceiling for the frozen engine, with its own pre-packed kernels."""
+    products = DecodeProducts(model)
+    vectors = products.step_inputs(1)
+    compiled = torch.compile(products)
 
     @torch.no_grad()
     def run():
         with torch._inductor.config.patch(freezing=True):
             for _ in range(steps_per_call):
-                products(vectors)
+                compiled(vectors)
         return steps_per_call
     return run
 
