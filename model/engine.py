@@ -838,9 +838,7 @@ class EngineLoop:
 
     def close(self) -> None:
         """Stop the loop; sequences still running or waiting end as "cancelled"."""
-        with self.wakeup:
-            self.closed = True
-            self.wakeup.notify()
+        self.stop_soon()
         if self.thread is not None:
             self.thread.join()
         elif not self.running:  # run() was interrupted (Ctrl-C on the thread running it)
