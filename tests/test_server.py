@@ -51,16 +51,20 @@ def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path, time
     raise RuntimeError(f"server did not answer within {timeout} s:\n{log_path.read_text()}")
 
 
+def server_command(out_dir: Path, port: int, *flags: str) -> list[str]:
+    """The command of a tiny-model server (hidden 64, 2 layers, CPU) on the given port."""
+    return [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--out_dir", str(out_dir),
+            "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--port", str(port), *flags]
+
+
 @contextlib.contextmanager
 def running_server(out_dir: Path, log_path: Path, *flags: str):
     """A tiny-model server (hidden 64, 2 layers, CPU) on a free loopback port with the extra
     flags; yields its base URL and stops it afterwards."""
     port = free_port()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--out_dir", str(out_dir),
-             "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--port", str(port), *flags],
-            stdout=log, stderr=subprocess.STDOUT, cwd=out_dir)
+        process = subprocess.Popen(server_command(out_dir, port, *flags), stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=out_dir)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         wait_until_serving(base_url + "/models", process, log_path)
@@ -419,10 +423,8 @@ def test_ctrl_c_or_sigterm_ends_the_streams_in_flight_and_the_server(out_dir, tm
     both, the replies still running ending as cancelled, not leave a process behind."""
     port = free_port()
     with open(tmp_path / "server.log", "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--out_dir", str(out_dir),
-             "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--port", str(port),
-             "--context_length", str(CONTEXT)], stdout=log, stderr=subprocess.STDOUT, cwd=out_dir)
+        process = subprocess.Popen(server_command(out_dir, port, "--context_length", str(CONTEXT)),
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=out_dir)
     try:
         base_url = f"http://127.0.0.1:{port}/v1"
         wait_until_serving(base_url + "/models", process, tmp_path / "server.log")
@@ -445,10 +447,8 @@ def test_a_port_in_use_is_an_error_exit_not_a_server_without_http(out_dir, tmp_p
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        result = subprocess.run(
-            [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--out_dir", str(out_dir),
-             "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu",
-             "--port", str(taken.getsockname()[1])], capture_output=True, text=True, cwd=out_dir, timeout=120)
+        result = subprocess.run(server_command(out_dir, taken.getsockname()[1]), capture_output=True, text=True,
+                                cwd=out_dir, timeout=120)
     assert result.returncode == 1
     assert "address already in use" in (result.stdout + result.stderr).lower()
 
