@@ -412,17 +412,10 @@ def test_a_full_queue_answers_429_and_bad_requests_are_answered_at_once(busy_ser
                 bad = httpx.post(busy_server + "/chat/completions", json={**body, "temperature": 9}, timeout=10)
                 assert bad.status_code == 400 and time.monotonic() - started < 5
     # both clients left: their replies are cancelled, and the slot is free again within seconds (the
-    # server notices a closed connection on its next write, the engine drops the reply on its next step)
-    client = openai.OpenAI(base_url=busy_server, api_key="none", max_retries=0, timeout=60)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            reply = client.chat.completions.create(model="minimind", messages=[{"role": "user", "content": "hi"}],
-                                                   max_tokens=2)
-            break
-        except openai.RateLimitError:
-            assert time.monotonic() < deadline, "the slot was not freed 10 s after both clients left"
-            time.sleep(0.1)
+    # server notices a closed connection on its next write, the engine drops the reply on its next
+    # step), so the client may meet a 429 first: it retries those itself, backing off 0.5-8 s
+    reply = openai.OpenAI(base_url=busy_server, api_key="none", max_retries=4, timeout=60).chat.completions.create(
+        model="minimind", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert reply.usage.completion_tokens == 2
 
 
