@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.tools import DEMO_FACTS, ToolCall, builtin_registry  # noqa: E402
+from model.tools import DEMO_FACTS, ToolCall, builtin_registry, tool_call_text  # noqa: E402
 
 # ------------------------------------------------------------------ the facts
 
@@ -561,10 +561,10 @@ def calculator_example(rng, registry, english):
     result = json.loads(registry.run(ToolCall("calculator", {"expression": f"{a}{op}{b}"}, "")))["result"]
     if english:
         question = rng.choice(CALC_Q_EN).format(a=a, b=b, op=word_en, sign=sign)
-        answer = f"{a} {sign} {b} = {result}."
+        answer = f"The result is {result}."
     else:
         question = rng.choice(CALC_Q_ZH).format(a=a, b=b, op=word_zh, sign=sign)
-        answer = f"{a}{word_zh}{b}等于{result}。"
+        answer = f"结果是{result}。"
     return question, [[call("calculator", {"expression": f"{a}{op}{b}"})]], answer, ["calculator"], [str(result)]
 
 
@@ -575,10 +575,10 @@ def unit_example(rng, registry, english):
     result = json.loads(registry.run(ToolCall("unit_converter", arguments, "")))["result"]
     if english:
         question = rng.choice(UNIT_Q_EN).format(v=value, f=names_en[0], t=names_en[1])
-        answer = f"{value} {names_en[0]} is {result} {names_en[1]}."
+        answer = f"That is {result} {names_en[1]}."
     else:
         question = rng.choice(UNIT_Q_ZH).format(v=value, f=names_zh[0], t=names_zh[1])
-        answer = f"{value}{names_zh[0]}等于{result}{names_zh[1]}。"
+        answer = f"等于{result}{names_zh[1]}。"
     return question, [[call("unit_converter", arguments)]], answer, ["unit_converter"], [str(result)]
 
 
@@ -680,6 +680,32 @@ def training_tool_examples(rng, registry, n, seen):
     return [draw_example(rng, registry, rng.choices(kinds, weights)[0], seen) for _ in range(n)]
 
 
+def tool_transcript(registry, question, steps, answer, needed):
+    """One tool use as plain text for pretraining: the question, each round's <tool_call> blocks
+    and their <tool_response>s, the answer (no tools block, no chat turns)."""
+    parts = [question]
+    for calls in steps:
+        parts.append("\n".join(tool_call_text(c) for c in calls))
+        parts += [f"<tool_response>\n{registry.run(ToolCall(c['name'], c['arguments'], json.dumps(c)), needed)}"
+                  f"\n</tool_response>" for c in calls]
+    parts.append(answer)
+    return "\n".join(parts)
+
+
+def make_tool_transcripts(rng, registry, n, held_out_questions):
+    """n transcripts of the kinds that call a tool, in their training shares; a question of the
+    held-out set is drawn again (repeats among the n are allowed: the date questions alone are
+    fewer than n)."""
+    kinds = [kind for kind in TOOL_KINDS if kind is not no_tool_example]
+    weights = [TOOL_KINDS[kind][0] for kind in kinds]
+    transcripts = []
+    while len(transcripts) < n:
+        question, steps, answer, needed, _ = rng.choices(kinds, weights)[0](rng, registry, rng.random() < 0.5)
+        if question not in held_out_questions:
+            transcripts.append({"text": tool_transcript(registry, question, steps, answer, needed)})
+    return transcripts
+
+
 def make_tool_conversations(rng, registry, examples):
     return [tool_row(rng, registry, q, steps, answer, needed, english)
             for q, steps, answer, needed, _, english in examples]
@@ -738,6 +764,21 @@ def main():
 
 
 TOOL_CONVERSATIONS = 600  # bilingual tool conversations for SFT (dataset/demo/sft_tools.jsonl)
+
+
+def held_out_tool_questions(seed):
+    """The questions of tools_eval.jsonl, drawn as write_tool_files draws them."""
+    seen = set()
+    held_out_tool_examples(random.Random(seed + 16), builtin_registry(), seen)
+    return seen
+
+
+def write_tool_transcripts(path, n, seed=1337):
+    """Tool transcripts for pretraining (scripts/quickstart.py --tools 1 writes them into out/):
+    n of them, none asking a held-out question, from their own random stream."""
+    rows = make_tool_transcripts(random.Random(seed + 99), builtin_registry(), n, held_out_tool_questions(seed))
+    write_jsonl(Path(path), rows)
+    return rows
 
 
 def write_tool_files(out, seed):
