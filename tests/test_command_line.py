@@ -32,7 +32,7 @@ def parse_error(capsys, parse_args, argv) -> str:
     (["--hidden_size", "520"], "--hidden_size 520: its 8 attention heads would have 65 dimensions"),
     (["--num_hidden_layers", "0"], "--num_hidden_layers must be at least 1"),
     (["--data_path", "no/such.jsonl"], "--data_path no/such.jsonl: no such file"),
-    (["--from_weight", "sft"], "--from_weight sft: not a stage; use one of pretrain, full_sft"),
+    (["--from_weight", "sft"], "--from_weight sft: not a stage (pretrain, full_sft"),
     (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
     (["--batch_size", "many"], "argument --batch_size: invalid int value: 'many'"),
     (["--deepspeed", "nope.json"], "--deepspeed nope.json: no such config file"),

@@ -38,9 +38,9 @@ class RunFiles:
 
 def run_files(args, name: str | None = None, weights: str | None = None, save_fn=None) -> RunFiles:
     """The files of a stage's run, named as DESIGN.md says (the LoRA stage names its own)."""
-    name = name or run_name(args.stage, args.hidden_size, args.use_moe)
+    name = name or run_name(args.save_weight, args.hidden_size, args.use_moe)
     return RunFiles(name=name,
-                    weights=weights or weight_path(args.out_dir, args.stage, args.hidden_size, args.use_moe),
+                    weights=weights or weight_path(args.out_dir, args.save_weight, args.hidden_size, args.use_moe),
                     metrics=os.path.join(args.out_dir, f"{name}_metrics.jsonl"),
                     run_info=os.path.join(args.out_dir, f"{name}_run.json"),
                     resume=os.path.join(args.checkpoint_dir, f"{name}_resume.pth"),

@@ -10,10 +10,11 @@ one line with exit code 2, before anything is built.
 """
 import argparse
 import os
+import re
 
 import torch
 
-from model.checkpoint import REPO_ROOT, SCRIPT_OF_STAGE
+from model.checkpoint import REPO_ROOT, SCRIPT_OF_STAGE, weight_path
 from model.command_line import ArgumentParser, check_size_flags, default_device
 from model.model_minimind import WEIGHT_INITS
 from trainer.evaluating import add_evaluation_args
@@ -40,6 +41,9 @@ def build_parser(description: str, **stage_defaults) -> argparse.ArgumentParser:
                             "file when that folder is writable, else ~/.cache/minimind/index or $XDG_CACHE_HOME)")
     files.add_argument("--from_weight", default="none",
                        help=f"stage whose weights to start from ({', '.join(SCRIPT_OF_STAGE)}), none = random init")
+    files.add_argument("--save_weight", default=None,
+                       help="name of the files this run writes (default: the stage: pretrain, full_sft, ...); "
+                            "a later run loads them with --from_weight NAME")
     files.add_argument("--resume", type=int, default=0, choices=[0, 1], help="1: continue from the resume state")
 
     opt = p.add_argument_group("optimisation")
@@ -111,8 +115,14 @@ def finish_args(parser: argparse.ArgumentParser, stage: str, data_file: str, dem
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     check_size_flags(parser, args)
-    if args.from_weight != "none" and args.from_weight not in SCRIPT_OF_STAGE:
-        parser.error(f"--from_weight {args.from_weight}: not a stage; use one of {', '.join(SCRIPT_OF_STAGE)} or none")
+    args.save_weight = args.save_weight or stage
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.save_weight):
+        parser.error(f"--save_weight {args.save_weight!r}: use letters, digits, '_', '-' or '.' (it names files)")
+    if args.from_weight not in ("none", *SCRIPT_OF_STAGE) and not os.path.isfile(
+            weight_path(args.out_dir, args.from_weight, args.hidden_size, args.use_moe)):
+        parser.error(f"--from_weight {args.from_weight}: not a stage ({', '.join(SCRIPT_OF_STAGE)}), and no "
+                     f"{weight_path(args.out_dir, args.from_weight, args.hidden_size, args.use_moe)} "
+                     f"from a run with --save_weight {args.from_weight}; or use none")
     if args.dtype == "float16" and not args.device.startswith("cuda"):
         parser.error("--dtype float16 needs a CUDA device (autocast on CPU supports bfloat16); "
                      "use --dtype bfloat16 or float32")
