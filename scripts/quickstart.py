@@ -2,6 +2,7 @@
 
     python scripts/quickstart.py          # CPU: about 6-7 minutes on 2 cores; on a CUDA machine it uses the GPU
     python scripts/quickstart.py --tiny   # an even smaller model and fewer steps (what the test suite runs)
+    python scripts/quickstart.py --tools 1  # + the pretraining that makes tool calls work (about an hour more on 2 CPU cores)
 
 It trains a small MiniMind on the bundled demo data (dataset/demo/) through the stages of the
 real recipe, each one through its own command line, printed before it starts so that you can
@@ -19,7 +20,9 @@ out/quickstart_eval.png, and says what to run next. Weights, metrics and resume 
 out/ and checkpoints/ like any other run.
 """
 import argparse
+import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -40,9 +43,12 @@ class Size:
     max_steps: int = 0  # 0 = all epochs
     grpo_steps: int = 40  # the GRPO stage is cut to this many steps (its demo file holds 1000 prompts)
     sft_max_seq_len: int = 640  # full SFT: a tool conversation (tools block, call, result, answer) is 260-640 tokens
+    long_max_seq_len: int = 1024  # --tools 1: the rows of joined documents (longer than any tool conversation)
+    tool_transcripts: int = 12000  # --tools 1: tool transcripts beside the 3,000 demo pretraining lines
 
     def flags(self, stage: str = "") -> list[str]:
-        max_seq_len = self.sft_max_seq_len if stage == "full_sft" else self.max_seq_len
+        max_seq_len = {"full_sft": self.sft_max_seq_len, "pretrain_long": self.long_max_seq_len}.get(
+            stage, self.max_seq_len)
         return ["--hidden_size", str(self.hidden_size), "--num_hidden_layers", str(self.num_hidden_layers),
                 "--max_seq_len", str(max_seq_len)]
 
@@ -51,10 +57,11 @@ class Size:
 SIZES = {
     "default": Size(hidden_size=256, num_hidden_layers=4, max_seq_len=128,
                     # reason: 10 epochs (was 6); with MiniMind2's init and LR curve, 6 left 5+6=10
-                    epochs={"pretrain": 2, "full_sft": 2, "rlhf": 1, "reason": 10, "lora": 3, "grpo": 1}),
+                    epochs={"pretrain": 2, "pretrain_long": 6, "full_sft": 2, "rlhf": 1, "reason": 10, "lora": 3,
+                            "grpo": 1}),
     "tiny": Size(hidden_size=64, num_hidden_layers=2, max_seq_len=96,
-                 epochs={"pretrain": 1, "full_sft": 1, "rlhf": 1, "reason": 1, "lora": 1, "grpo": 1}, max_steps=2,
-                 sft_max_seq_len=96),
+                 epochs={"pretrain": 1, "pretrain_long": 1, "full_sft": 1, "rlhf": 1, "reason": 1, "lora": 1,
+                         "grpo": 1}, max_steps=2, sft_max_seq_len=96, long_max_seq_len=192, tool_transcripts=200),
 }
 
 
@@ -92,6 +99,31 @@ STAGES = [
           "full_sft -> online RL (GRPO): replies that give the right answer are made likelier"),
 ]
 
+# --tools 1 swaps the first two stages for three. A 4.5M-parameter model does not learn from 600 SFT
+# conversations to copy the question's numbers into a call and the tool's result into its answer
+# (README, "Tool calling"). Pretraining on tool transcripts teaches the copying; the same documents
+# joined into long rows then teach it to copy with a 250-token tools block in front (the short rows
+# never showed the model anything that far back); a gentler SFT keeps the skill.
+TOOL_STAGES = [
+    Stage("pretrain", "train_pretrain.py",
+          ["--batch_size", "32", "--accumulation_steps", "1", "--learning_rate", "3e-3", "--warmup_iters", "10",
+           "--packing", "1"],
+          "random init -> continues text and tool transcripts (question, call, result, answer)"),
+    Stage("pretrain_long", "train_pretrain.py",
+          ["--from_weight", "pretrain", "--save_weight", "pretrain_long", "--batch_size", "8",
+           "--accumulation_steps", "1", "--learning_rate", "1e-3", "--warmup_iters", "10"],
+          "pretrain -> the same documents joined into long rows (attention reaches far back)"),
+    Stage("full_sft", "train_full_sft.py",
+          ["--from_weight", "pretrain_long", "--batch_size", "16", "--learning_rate", "5e-4", "--warmup_iters", "10",
+           "--group_by_length", "1"],
+          "pretrain_long -> answers in ChatML and calls tools (loss on the assistant's tokens only)"),
+]
+
+
+def stages(tools: bool) -> list[Stage]:
+    return TOOL_STAGES + STAGES[2:] if tools else STAGES
+
+
 # Questions from the demo data, asked of the model each stage produced.
 QUESTIONS = [
     (1, None, "你是谁？"),
@@ -111,6 +143,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--resume", type=int, default=0, choices=[0, 1],
                    help="1: continue an interrupted quickstart (each stage resumes from its saved state)")
+    p.add_argument("--tools", type=int, default=0, choices=[0, 1],
+                   help="1: pretrain on tool transcripts, then on long rows, so that the SFT model really uses the "
+                        "calculator (about an hour more on 2 CPU cores, minutes on a GPU)")
     return p.parse_args(argv)
 
 
@@ -119,22 +154,72 @@ def parse_args(argv=None):
 SFT_MIX_SOURCES = ("sft.jsonl", "sft_tools.jsonl")
 
 
-def write_sft_mix(out_dir: str) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "sft_mix.jsonl")
-    text = "".join(open(os.path.join(REPO_ROOT, "dataset", "demo", name), encoding="utf-8").read()
-                   for name in SFT_MIX_SOURCES)
-    if not os.path.isfile(path) or open(path, encoding="utf-8").read() != text:  # unchanged: its index stays cached
+def write_if_changed(path: str, text: str) -> str:
+    """Unchanged files keep their cached line index (and --resume 1 its position in them)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.isfile(path) or open(path, encoding="utf-8").read() != text:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(path + ".tmp", path)
     return path
 
 
+def write_sft_mix(out_dir: str) -> str:
+    text = "".join(open(os.path.join(REPO_ROOT, "dataset", "demo", name), encoding="utf-8").read()
+                   for name in SFT_MIX_SOURCES)
+    return write_if_changed(os.path.join(out_dir, "sft_mix.jsonl"), text)
+
+
+def jsonl(texts) -> str:
+    return "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
+
+
+def tool_pretraining_documents(size: Size) -> list[str]:
+    """The demo pretraining lines and the tool transcripts (none asks a held-out question), shuffled."""
+    from scripts.make_demo_data import builtin_registry, held_out_tool_questions, make_tool_transcripts
+    transcripts = make_tool_transcripts(random.Random(16), builtin_registry(), size.tool_transcripts,
+                                        held_out_tool_questions(seed=1337))
+    demo = [json.loads(line)["text"]
+            for line in open(os.path.join(REPO_ROOT, "dataset", "demo", "pretrain.jsonl"), encoding="utf-8")]
+    documents = demo + [row["text"] for row in transcripts]
+    random.Random(0).shuffle(documents)
+    return documents
+
+
+def joined_rows(documents: list[str], max_tokens: int) -> list[str]:
+    """Documents, each as <|im_start|>text<|im_end|>, joined in order into rows of at most
+    max_tokens tokens. Nothing masks one document from the next: the model learns to look far
+    back and to ignore what does not concern the question at hand."""
+    from trainer.stage import load_tokenizer
+    tokenizer = load_tokenizer()
+    rows, row, row_tokens = [], [], 0
+    for document in documents:
+        marked = f"{tokenizer.bos_token}{document}{tokenizer.eos_token}"
+        tokens = len(tokenizer(marked, add_special_tokens=False)["input_ids"])
+        if row and row_tokens + tokens > max_tokens:
+            rows.append("".join(row))
+            row, row_tokens = [], 0
+        row.append(marked)
+        row_tokens += tokens
+    return rows + ["".join(row)] if row else rows
+
+
+def write_tool_pretraining(out_dir: str, size: Size) -> tuple[str, str]:
+    """out_dir/pretrain_tools.jsonl (one document a line, for packing) and
+    out_dir/pretrain_tools_long.jsonl (the same documents joined into long rows)."""
+    documents = tool_pretraining_documents(size)
+    return (write_if_changed(os.path.join(out_dir, "pretrain_tools.jsonl"), jsonl(documents)),
+            write_if_changed(os.path.join(out_dir, "pretrain_tools_long.jsonl"),
+                             jsonl(joined_rows(documents, size.long_max_seq_len))))
+
+
 def stage_data_flags(stage: Stage, size: Size, args) -> list[str]:
-    if stage.name != "full_sft":
-        return []
-    return ["--data_path", write_sft_mix(args.out_dir)]
+    if stage.name == "full_sft":
+        return ["--data_path", write_sft_mix(args.out_dir)]
+    if args.tools and stage.name in ("pretrain", "pretrain_long"):
+        short_rows, long_rows = write_tool_pretraining(args.out_dir, size)
+        return ["--data_path", short_rows if stage.name == "pretrain" else long_rows]
+    return []
 
 
 def stage_command(stage: Stage, size: Size, args) -> list[str]:
@@ -162,9 +247,9 @@ def shown(command: list[str]) -> str:
 
 
 def train_all(size: Size, args) -> None:
-    for number, stage in enumerate(STAGES, start=1):
+    for number, stage in enumerate(stages(args.tools), start=1):
         command = stage_command(stage, size, args)
-        print(f"\n=== [{number}/{len(STAGES)}] {stage.name}: {stage.about}\n$ {shown(command)}", flush=True)
+        print(f"\n=== [{number}/{len(stages(args.tools))}] {stage.name}: {stage.about}\n$ {shown(command)}", flush=True)
         started = time.time()
         result = subprocess.run(command, cwd=REPO_ROOT)
         if result.returncode != 0:
@@ -229,6 +314,21 @@ def show_tool_round_trip(size: Size, args) -> None:
                                   offered=["calculator"], max_rounds=2))
 
 
+def tool_score_command(size: Size, args) -> list[str]:
+    """bench/bench_tools.py on the held-out tool prompts (dataset/demo/tools_eval.jsonl), SFT model."""
+    command = [sys.executable, os.path.join("bench", "bench_tools.py"), "--model_mode", "1",
+               "--hidden_size", str(size.hidden_size), "--num_hidden_layers", str(size.num_hidden_layers),
+               "--out_dir", args.out_dir, "--out", os.path.join(args.out_dir, "quickstart_tools.json")]
+    return command + (["--device", args.device] if args.device else [])
+
+
+def score_tools(size: Size, args) -> None:
+    command = tool_score_command(size, args)
+    print(f"\n=== Tool calling on the held-out prompts (dataset/demo/tools_eval.jsonl)\n$ {shown(command)}", flush=True)
+    if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
+        raise SystemExit("quickstart: the tool benchmark failed; its message is above")
+
+
 def rl_accuracy(size: Size, args) -> dict:
     """Greedy accuracy on the held-out demo sums (prompts GRPO never trained on) of the model
     before GRPO (full_sft) and after it; written to {out_dir}/quickstart_rl_accuracy.json."""
@@ -282,6 +382,7 @@ def main(argv=None) -> int:
     print("\n=== The trained models answer demo questions (greedy decoding)", flush=True)
     ask_questions(size, args)
     show_tool_round_trip(size, args)
+    score_tools(size, args)
     evaluate_stages(size, args)
     rl_accuracy(size, args)
     png = plot_curves(args)
