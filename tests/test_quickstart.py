@@ -67,6 +67,15 @@ def test_commands_answers_and_next_steps_are_printed(quickstart):
 
 
 @pytest.mark.slow
+def test_the_sft_model_is_scored_on_the_held_out_tool_prompts(quickstart):
+    out, stdout = quickstart
+    assert "$ python bench/bench_tools.py --model_mode 1 --hidden_size 64 --num_hidden_layers 2" in stdout
+    scores = json.loads((out / "quickstart_tools.json").read_text(encoding="utf-8"))
+    assert scores["tool_prompts"] == 50 and len(scores["rows"]) == 60
+    assert 0 <= scores["valid_call"] <= 1 and 0 <= scores["answer_with_tools"] <= 1
+
+
+@pytest.mark.slow
 def test_every_stage_is_evaluated_on_the_held_out_demo_sets(quickstart):
     out, stdout = quickstart
     assert "$ python scripts/eval_bench.py --task bpb,mc,gen --hidden_size 64" in stdout
@@ -78,6 +87,33 @@ def test_every_stage_is_evaluated_on_the_held_out_demo_sets(quickstart):
     assert all(0 < r["bpb"] < 20 for r in results["bpb"]["models"].values())
     assert all(r["n"] == 8 for r in results["mc"]["models"].values())  # --tiny: the first 8 questions
     assert (out / "quickstart_eval.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_joined_rows_keep_every_document_in_order_within_the_token_limit():
+    """quickstart --tools 1's long rows: nothing dropped or cut, no row over the limit."""
+    from scripts.quickstart import SIZES, joined_rows, tool_pretraining_documents
+    from trainer.stage import load_tokenizer
+    tokenizer = load_tokenizer()
+    documents = tool_pretraining_documents(SIZES["tiny"])
+    rows = joined_rows(documents, max_tokens=256)
+    assert "".join(rows) == "".join(f"<|im_start|>{document}<|im_end|>" for document in documents)
+    lengths = [len(tokenizer(row, add_special_tokens=False)["input_ids"]) for row in rows]
+    assert max(lengths) <= 256 and sum(lengths) / len(lengths) > 200  # full rows, not one document a row
+    assert len(documents) == 3000 + SIZES["tiny"].tool_transcripts
+    assert sum("<tool_call>" in document for document in documents) == SIZES["tiny"].tool_transcripts
+
+
+def test_tools_quickstart_trains_long_rows_between_pretraining_and_sft(tmp_path):
+    from scripts.quickstart import SIZES, parse_args, stage_command, stages
+    args = parse_args(["--tools", "1", "--out_dir", str(tmp_path / "out")])
+    chain = stages(tools=True)
+    assert [stage.name for stage in chain][:3] == ["pretrain", "pretrain_long", "full_sft"]
+    assert [stage.name for stage in chain][3:] == [stage.name for stage in stages(tools=False)][2:]
+    pretrain, long_rows, sft = (" ".join(stage_command(stage, SIZES["tiny"], args)) for stage in chain[:3])
+    assert "--packing 1" in pretrain and "pretrain_tools.jsonl" in pretrain
+    assert "--from_weight pretrain --save_weight pretrain_long" in long_rows
+    assert "--max_seq_len 192" in long_rows and "pretrain_tools_long.jsonl" in long_rows
+    assert "--from_weight pretrain_long" in sft and "--learning_rate 5e-4" in sft
 
 
 def test_a_failing_stage_stops_the_quickstart_and_names_it(tmp_path):

@@ -2,6 +2,8 @@
 built-in tools (the calculator refuses anything but arithmetic), the streaming parser, the loop
 with malformed calls, the demo data, and the loop on a real model fine-tuned on one tool chat."""
 import json
+import random
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -331,6 +333,32 @@ def test_make_demo_data_writes_the_same_tool_files_again(tmp_path):
                    check=True, capture_output=True)
     for name in ("sft_tools.jsonl", "tools_eval.jsonl"):
         assert (tmp_path / name).read_bytes() == (DEMO / name).read_bytes()
+
+
+def test_tool_transcripts_show_real_results_and_answers_that_read_them():
+    """Pretraining text of quickstart --tools 1: every call's <tool_response> is what the tool
+    returns, a single calculator answer starts from its result, no held-out question appears."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from make_demo_data import held_out_tool_questions, make_tool_transcripts
+    registry, held_out = builtin_registry(), held_out_tool_questions(seed=1337)
+    held_out_with_a_call = {row["messages"][-1]["content"] for row in load_tool_prompts(DEMO / "tools_eval.jsonl")
+                            if row["expected_calls"]}
+    assert held_out_with_a_call and held_out_with_a_call <= held_out
+    texts = [row["text"] for row in make_tool_transcripts(random.Random(0), registry, 400, held_out)]
+    assert not {text.split("\n")[0] for text in texts} & held_out
+    names = set()
+    for text in texts:
+        bodies = re.findall(r"<tool_call>\n(.*?)\n</tool_call>", text)
+        responses = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", text)
+        assert bodies and len(bodies) == len(responses)
+        for body, response in zip(bodies, responses):
+            call = json.loads(body)
+            names.add(call["name"])
+            assert response == registry.run(ToolCall(call["name"], call["arguments"], body), [call["name"]])
+        if len(bodies) == 1 and bodies[0].startswith('{"name": "calculator"'):
+            result = str(json.loads(responses[0])["result"])
+            assert text.split("\n")[-1] in (f"The result is {result}.", f"结果是{result}。")
+    assert names == set(registry.names())
 
 
 # ---------------------------------------------------------------- a real model in the loop

@@ -137,6 +137,31 @@ def test_missing_from_weight_names_the_script_that_makes_it(tmp_path):
         sft_main([*TINY, *dirs(tmp_path), *FEW_STEPS])
 
 
+def test_save_weight_names_every_file_of_a_run_and_from_weight_loads_it(tmp_path, capsys):
+    """A second pretraining run from the first (quickstart --tools 1 does this) writes its own
+    weights, metrics and resume state instead of overwriting the first run's."""
+    from trainer.train_full_sft import main as sft_main
+    from trainer.train_pretrain import main as pretrain_main
+    pretrain_main([*TINY, *dirs(tmp_path), *FEW_STEPS])
+    first = (tmp_path / "out" / "pretrain_64.pth").read_bytes()
+    pretrain_main([*TINY, *dirs(tmp_path), *FEW_STEPS, "--from_weight", "pretrain", "--save_weight", "pretrain_long"])
+    assert (tmp_path / "out" / "pretrain_64.pth").read_bytes() == first
+    load_strict(tmp_path / "out" / "pretrain_long_64.pth")
+    assert len(metrics(tmp_path, "pretrain_long_64")) == len(metrics(tmp_path, "pretrain_64"))
+    assert (tmp_path / "checkpoints" / "pretrain_long_64_resume.pth").is_file()
+    sft_main([*TINY, *dirs(tmp_path), *FEW_STEPS, "--from_weight", "pretrain_long"])
+    captured = capsys.readouterr()
+    assert "loaded pretrain_long weights from" in captured.err + captured.out
+
+
+def test_from_weight_neither_a_stage_nor_a_saved_name_is_a_flag_error(tmp_path, capsys):
+    from trainer.train_full_sft import parse_args
+    with pytest.raises(SystemExit):
+        parse_args([*TINY, *dirs(tmp_path), "--from_weight", "pretrain_lng"])
+    err = capsys.readouterr().err
+    assert "--from_weight pretrain_lng: not a stage" in err and "pretrain_lng_64.pth" in err
+
+
 def test_bad_data_line_is_reported_with_file_and_line(tmp_path):
     data = tmp_path / "broken.jsonl"
     data.write_text('{"text": "fine"}\n{"text": "fine too"}\n{not json}\n')
