@@ -693,9 +693,9 @@ def tool_transcript(registry, question, steps, answer, needed):
 
 
 def make_tool_transcripts(rng, registry, n, held_out_questions):
-    """n transcripts of the kinds that call a tool, in their training shares; a question of the
-    held-out set is drawn again (repeats among the n are allowed: the date questions alone are
-    fewer than n)."""
+    """n transcripts of the kinds that call a tool, in their training shares, as {"text"} rows
+    (scripts/quickstart.py --tools 1 pretrains on them). A held-out question is drawn again;
+    repeats among the n are allowed (there are fewer date questions than n)."""
     kinds = [kind for kind in TOOL_KINDS if kind is not no_tool_example]
     weights = [TOOL_KINDS[kind][0] for kind in kinds]
     transcripts = []
@@ -767,18 +767,10 @@ TOOL_CONVERSATIONS = 600  # bilingual tool conversations for SFT (dataset/demo/s
 
 
 def held_out_tool_questions(seed):
-    """The questions of tools_eval.jsonl, drawn as write_tool_files draws them."""
+    """The questions of tools_eval.jsonl (and the other held-out draws), drawn as write_tool_files draws them."""
     seen = set()
     held_out_tool_examples(random.Random(seed + 16), builtin_registry(), seen)
     return seen
-
-
-def write_tool_transcripts(path, n, seed=1337):
-    """Tool transcripts for pretraining (scripts/quickstart.py --tools 1 writes them into out/):
-    n of them, none asking a held-out question, from their own random stream."""
-    rows = make_tool_transcripts(random.Random(seed + 99), builtin_registry(), n, held_out_tool_questions(seed))
-    write_jsonl(Path(path), rows)
-    return rows
 
 
 def write_tool_files(out, seed):
