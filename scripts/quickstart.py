@@ -39,12 +39,12 @@ class Size:
     hidden_size: int
     num_hidden_layers: int
     max_seq_len: int
-    epochs: dict        # stage -> epochs over its demo file
+    epochs: dict        # stage -> epochs over its demo file (--tools 1: passes over the pretraining data)
     max_steps: int = 0  # 0 = all epochs
     grpo_steps: int = 40  # the GRPO stage is cut to this many steps (its demo file holds 1000 prompts)
     sft_max_seq_len: int = 640  # full SFT: a tool conversation (tools block, call, result, answer) is 260-640 tokens
     long_max_seq_len: int = 1024  # --tools 1: the rows of joined documents (longer than any tool conversation)
-    tool_transcripts: int = 12000  # --tools 1: tool transcripts beside the 3,000 demo pretraining lines
+    tool_transcripts: int = 12000  # --tools 1: new tool transcripts in each pass over the 3,000 demo pretraining lines
 
     def flags(self, stage: str = "") -> list[str]:
         max_seq_len = {"full_sft": self.sft_max_seq_len, "pretrain_long": self.long_max_seq_len}.get(
@@ -174,15 +174,25 @@ def jsonl(texts) -> str:
     return "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
 
 
-def tool_pretraining_documents(size: Size) -> list[str]:
-    """The demo pretraining lines and the tool transcripts (none asks a held-out question), shuffled."""
+# --tools 1: the pretraining stages' files hold all their passes (each stage then runs one epoch):
+# every pass has the demo lines and transcripts of its own. A transcript seen twice could be
+# remembered instead of read; seen once, its numbers can only be predicted by copying them.
+TOOL_PRETRAINING_SEEDS = {"pretrain": 16, "pretrain_long": 17}
+
+
+def tool_pretraining_documents(size: Size, stage: str) -> list[str]:
+    """size.epochs[stage] passes, each the demo pretraining lines and size.tool_transcripts new
+    tool transcripts (none asks a held-out question), shuffled."""
     from scripts.make_demo_data import builtin_registry, held_out_tool_questions, make_tool_transcripts
-    transcripts = make_tool_transcripts(random.Random(16), builtin_registry(), size.tool_transcripts,
-                                        held_out_tool_questions(seed=1337))
+    rng, registry, held_out = random.Random(TOOL_PRETRAINING_SEEDS[stage]), builtin_registry(), \
+        held_out_tool_questions(seed=1337)
     demo = [json.loads(line)["text"]
             for line in open(os.path.join(REPO_ROOT, "dataset", "demo", "pretrain.jsonl"), encoding="utf-8")]
-    documents = demo + [row["text"] for row in transcripts]
-    random.Random(0).shuffle(documents)
+    documents = []
+    for _ in range(size.epochs[stage]):
+        one_pass = demo + [row["text"] for row in make_tool_transcripts(rng, registry, size.tool_transcripts, held_out)]
+        rng.shuffle(one_pass)
+        documents += one_pass
     return documents
 
 
@@ -204,29 +214,33 @@ def joined_rows(documents: list[str], max_tokens: int) -> list[str]:
     return rows + ["".join(row)] if row else rows
 
 
-def write_tool_pretraining(out_dir: str, size: Size) -> tuple[str, str]:
-    """out_dir/pretrain_tools.jsonl (one document a line, for packing) and
-    out_dir/pretrain_tools_long.jsonl (the same documents joined into long rows)."""
-    documents = tool_pretraining_documents(size)
-    return (write_if_changed(os.path.join(out_dir, "pretrain_tools.jsonl"), jsonl(documents)),
-            write_if_changed(os.path.join(out_dir, "pretrain_tools_long.jsonl"),
-                             jsonl(joined_rows(documents, size.long_max_seq_len))))
+def write_tool_pretraining(out_dir: str, size: Size, stage: str) -> str:
+    """out_dir/pretrain_tools.jsonl (one document a line, for packing) or
+    out_dir/pretrain_tools_long.jsonl (documents joined into long rows)."""
+    documents = tool_pretraining_documents(size, stage)
+    if stage == "pretrain":
+        return write_if_changed(os.path.join(out_dir, "pretrain_tools.jsonl"), jsonl(documents))
+    return write_if_changed(os.path.join(out_dir, "pretrain_tools_long.jsonl"),
+                            jsonl(joined_rows(documents, size.long_max_seq_len)))
 
 
 def stage_data_flags(stage: Stage, size: Size, args) -> list[str]:
     if stage.name == "full_sft":
         return ["--data_path", write_sft_mix(args.out_dir)]
-    if args.tools and stage.name in ("pretrain", "pretrain_long"):
-        short_rows, long_rows = write_tool_pretraining(args.out_dir, size)
-        return ["--data_path", short_rows if stage.name == "pretrain" else long_rows]
+    if args.tools and stage.name in TOOL_PRETRAINING_SEEDS:
+        return ["--data_path", write_tool_pretraining(args.out_dir, size, stage.name)]
     return []
+
+
+def stage_epochs(stage: Stage, size: Size, args) -> int:
+    return 1 if args.tools and stage.name in TOOL_PRETRAINING_SEEDS else size.epochs[stage.name]
 
 
 def stage_command(stage: Stage, size: Size, args) -> list[str]:
     max_steps = size.max_steps or (size.grpo_steps if stage.name == "grpo" else 0)
     command = [sys.executable, os.path.join("trainer", stage.script), *size.flags(stage.name), *stage.flags,
                *stage_data_flags(stage, size, args),
-               "--epochs", str(size.epochs[stage.name]), "--max_steps", str(max_steps),
+               "--epochs", str(stage_epochs(stage, size, args)), "--max_steps", str(max_steps),
                "--log_interval", "50", "--save_interval", "100",
                "--out_dir", args.out_dir, "--checkpoint_dir", args.checkpoint_dir]
     if args.device:

@@ -3,6 +3,7 @@ the trained models answer, and every file the README promises is there."""
 import json
 import os
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -90,17 +91,20 @@ def test_every_stage_is_evaluated_on_the_held_out_demo_sets(quickstart):
 
 
 def test_joined_rows_keep_every_document_in_order_within_the_token_limit():
-    """quickstart --tools 1's long rows: nothing dropped or cut, no row over the limit."""
+    """quickstart --tools 1's long rows: nothing dropped or cut, no row over the limit; a second
+    pass brings new transcripts, not the first pass's again."""
     from scripts.quickstart import SIZES, joined_rows, tool_pretraining_documents
     from trainer.stage import load_tokenizer
     tokenizer = load_tokenizer()
-    documents = tool_pretraining_documents(SIZES["tiny"])
+    size = replace(SIZES["tiny"], epochs={**SIZES["tiny"].epochs, "pretrain_long": 2})
+    documents = tool_pretraining_documents(size, "pretrain_long")
     rows = joined_rows(documents, max_tokens=256)
     assert "".join(rows) == "".join(f"<|im_start|>{document}<|im_end|>" for document in documents)
     lengths = [len(tokenizer(row, add_special_tokens=False)["input_ids"]) for row in rows]
     assert max(lengths) <= 256 and sum(lengths) / len(lengths) > 200  # full rows, not one document a row
-    assert len(documents) == 3000 + SIZES["tiny"].tool_transcripts
-    assert sum("<tool_call>" in document for document in documents) == SIZES["tiny"].tool_transcripts
+    transcripts = [document for document in documents if "<tool_call>" in document]
+    assert len(documents) == 2 * (3000 + size.tool_transcripts) and len(transcripts) == 2 * size.tool_transcripts
+    assert len(set(transcripts)) > 0.9 * len(transcripts)  # each pass draws transcripts of its own
 
 
 def test_tools_quickstart_trains_long_rows_between_pretraining_and_sft(tmp_path):
@@ -111,6 +115,7 @@ def test_tools_quickstart_trains_long_rows_between_pretraining_and_sft(tmp_path)
     assert [stage.name for stage in chain][3:] == [stage.name for stage in stages(tools=False)][2:]
     pretrain, long_rows, sft = (" ".join(stage_command(stage, SIZES["tiny"], args)) for stage in chain[:3])
     assert "--packing 1" in pretrain and "pretrain_tools.jsonl" in pretrain
+    assert "--epochs 1 " in pretrain and "--epochs 1 " in long_rows  # the files hold every pass
     assert "--from_weight pretrain --save_weight pretrain_long" in long_rows
     assert "--max_seq_len 192" in long_rows and "pretrain_tools_long.jsonl" in long_rows
     assert "--from_weight pretrain_long" in sft and "--learning_rate 5e-4" in sft
