@@ -101,7 +101,7 @@ STAGES = [
 
 # --tools 1 swaps the first two stages for three. A 4.5M-parameter model does not learn from 600 SFT
 # conversations to copy the question's numbers into a call and the tool's result into its answer
-# (README, "Tool calling"). Pretraining on tool transcripts teaches the copying; the same documents
+# (README, "Tool calling"). Pretraining on tool transcripts teaches the copying; such documents
 # joined into long rows then teach it to copy with a 250-token tools block in front (the short rows
 # never showed the model anything that far back); a gentler SFT keeps the skill.
 TOOL_STAGES = [
@@ -112,7 +112,7 @@ TOOL_STAGES = [
     Stage("pretrain_long", "train_pretrain.py",
           ["--from_weight", "pretrain", "--save_weight", "pretrain_long", "--batch_size", "8",
            "--accumulation_steps", "1", "--learning_rate", "1e-3", "--warmup_iters", "10"],
-          "pretrain -> the same documents joined into long rows (attention reaches far back)"),
+          "pretrain -> transcripts and demo text joined into long rows (attention reaches far back)"),
     Stage("full_sft", "train_full_sft.py",
           ["--from_weight", "pretrain_long", "--batch_size", "16", "--learning_rate", "5e-4", "--warmup_iters", "10",
            "--group_by_length", "1"],
@@ -261,9 +261,10 @@ def shown(command: list[str]) -> str:
 
 
 def train_all(size: Size, args) -> None:
-    for number, stage in enumerate(stages(args.tools), start=1):
+    chain = stages(args.tools)
+    for number, stage in enumerate(chain, start=1):
         command = stage_command(stage, size, args)
-        print(f"\n=== [{number}/{len(stages(args.tools))}] {stage.name}: {stage.about}\n$ {shown(command)}", flush=True)
+        print(f"\n=== [{number}/{len(chain)}] {stage.name}: {stage.about}\n$ {shown(command)}", flush=True)
         started = time.time()
         result = subprocess.run(command, cwd=REPO_ROOT)
         if result.returncode != 0:
